@@ -1,0 +1,156 @@
+"""Reference networks and architecture specs.
+
+An architecture spec is a JSON-able dict ``{"name": ..., "kwargs": {...}}``
+where ``name`` is a registered architecture (``mlp``, ``lenet5``, ``resnet20``)
+or a ``"package.module:factory"`` path to a user's own factory returning an
+``nn.Module`` classifier that outputs logits.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coinfer.errors import ArchitectureError
+
+__all__ = ["MLP", "LeNet5", "ResNet20", "ARCHITECTURES", "build_model", "normalize_spec"]
+
+
+class MLP(nn.Module):
+    """A plain multi-layer perceptron; flattens its input."""
+
+    def __init__(self, in_features: int = 64, hidden: Sequence[int] = (64,), num_classes: int = 10):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        d = in_features
+        for h in hidden:
+            layers += [nn.Linear(d, h), nn.ReLU()]
+            d = h
+        layers.append(nn.Linear(d, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 for ``(in_channels, 28, 28)`` or ``(in_channels, 32, 32)`` images."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28):
+        super().__init__()
+        pad = 2 if image_size == 28 else 0
+        self.conv1 = nn.Conv2d(in_channels, 6, 5, padding=pad)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """ResNet-20 for CIFAR (He et al. 2016), with BatchNorm; ``width`` scales channels."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 16):
+        super().__init__()
+        w = width
+        self.conv1 = nn.Conv2d(in_channels, w, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        blocks: list[nn.Module] = []
+        cin = w
+        for i, cout in enumerate((w, 2 * w, 4 * w)):
+            for j in range(3):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(_BasicBlock(cin, cout, stride))
+                cin = cout
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layers(out)
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.fc(out)
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLP,
+    "lenet5": LeNet5,
+    "resnet20": ResNet20,
+}
+
+
+def normalize_spec(spec: str | Mapping[str, Any]) -> dict[str, Any]:
+    """Turn ``"lenet5"`` or ``{"name": ..., "kwargs": ...}`` into the dict form."""
+    if isinstance(spec, str):
+        return {"name": spec, "kwargs": {}}
+    if isinstance(spec, Mapping) and "name" in spec:
+        kwargs = spec.get("kwargs") or {}
+        if not isinstance(kwargs, Mapping):
+            raise ArchitectureError(f"architecture kwargs must be a mapping, got {kwargs!r}")
+        return {"name": str(spec["name"]), "kwargs": dict(kwargs)}
+    raise ArchitectureError(
+        f"architecture spec must be a name or {{'name': ..., 'kwargs': {{...}}}}, got {spec!r}"
+    )
+
+
+def _resolve(name: str) -> Callable[..., nn.Module]:
+    if name in ARCHITECTURES:
+        return ARCHITECTURES[name]
+    if ":" not in name:
+        raise ArchitectureError(
+            f"unknown architecture {name!r}: expected one of {sorted(ARCHITECTURES)} "
+            "or 'package.module:factory'"
+        )
+    mod_name, _, attr = name.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ArchitectureError(f"cannot import module {mod_name!r} of architecture {name!r}: {exc}") from None
+    factory = getattr(mod, attr, None)
+    if factory is None or not callable(factory):
+        raise ArchitectureError(f"module {mod_name!r} has no callable {attr!r} (architecture {name!r})")
+    return factory
+
+
+def build_model(spec: str | Mapping[str, Any]) -> nn.Module:
+    """Instantiate a fresh model from an architecture spec."""
+    spec = normalize_spec(spec)
+    factory = _resolve(spec["name"])
+    try:
+        model = factory(**spec["kwargs"])
+    except TypeError as exc:
+        raise ArchitectureError(f"architecture {spec['name']!r} rejected kwargs {spec['kwargs']}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ArchitectureError(f"architecture {spec['name']!r} returned {type(model).__name__}, not an nn.Module")
+    return model

@@ -1,0 +1,280 @@
+"""The ``coinfer`` command line.
+
+Errors on bad input print one line and exit 1; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from coinfer.errors import CoinferError
+
+app = typer.Typer(
+    name="coinfer",
+    help="Erasure-coded neural network inference: encode parity models (COIN), inspect, predict, serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    """Erasure-coded neural network inference."""
+
+
+def load_array(path: Path, key: str | None = None) -> np.ndarray:
+    """Load a ``.npy`` array or one array of a ``.npz`` (``key``, else ``x``, else the only one)."""
+    if not path.exists():
+        raise CoinferError(f"input file {path} does not exist")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path) as z:
+                names = list(z.files)
+                if key is None:
+                    key = "x" if "x" in names else names[0] if len(names) == 1 else None
+                if key is None or key not in names:
+                    raise CoinferError(f"{path} holds arrays {names}; choose one with --key")
+                return z[key]
+        return np.load(path, allow_pickle=False)
+    except CoinferError:
+        raise
+    except Exception as exc:
+        raise CoinferError(f"cannot read {path} as .npy/.npz: {exc}") from None
+
+
+def _parse_indices(text: str | None, n: int, what: str) -> list[int]:
+    if not text:
+        return []
+    out = []
+    for tok in text.split(","):
+        tok = tok.strip()
+        if not tok.lstrip("-").isdigit():
+            raise CoinferError(f"{what} must be comma-separated worker indices, got {tok!r}")
+        i = int(tok)
+        if not 0 <= i < n:
+            raise CoinferError(f"{what}: index {i} is out of range 0..{n - 1}")
+        out.append(i)
+    return sorted(set(out))
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    opts = {}
+    for p in pairs:
+        if "=" not in p:
+            raise CoinferError(f"--option expects key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        try:
+            opts[k] = json.loads(v)
+        except json.JSONDecodeError:
+            opts[k] = v
+    return opts
+
+
+@app.command()
+def encode(
+    model: Annotated[list[Path], typer.Option("--model", "-m", help="Data model checkpoint (.safetensors); repeat k times, in order.")],
+    arch: Annotated[str, typer.Option(help="Architecture: mlp, lenet5, resnet20, or package.module:factory.")],
+    calibration: Annotated[Path, typer.Option(help="Calibration inputs: .npy (N, *input_shape) float, or .npz.")],
+    out: Annotated[Path, typer.Option(help="Bundle directory to write.")],
+    arch_kwargs: Annotated[str, typer.Option(help="Architecture kwargs as JSON.")] = "{}",
+    r: Annotated[int, typer.Option("--r", help="Number of coded (parity) models.")] = 1,
+    method: Annotated[str, typer.Option(help="Encoder: coin, average, distill.")] = "coin",
+    estimator: Annotated[str, typer.Option(help="Fisher estimator for coin: exact, sampled, empirical.")] = "exact",
+    samples: Annotated[int | None, typer.Option(help="Calibration samples used (default all).")] = None,
+    normalize: Annotated[bool, typer.Option(help="Normalise each model's Fisher to the same total.")] = False,
+    key: Annotated[str | None, typer.Option(help="Array name inside a calibration .npz.")] = None,
+    labels_key: Annotated[str | None, typer.Option(help="Labels array in the .npz (for the empirical Fisher).")] = None,
+    weights: Annotated[str | None, typer.Option(help="Parity weights W as a JSON (r, k) list.")] = None,
+    class_names: Annotated[str | None, typer.Option(help="Comma-separated class names.")] = None,
+    option: Annotated[list[str] | None, typer.Option(help="Extra encoder option key=value (JSON value); repeatable.")] = None,
+) -> None:
+    """Encode k model checkpoints into a bundle with r coded models."""
+    from coinfer.bundle import Bundle, load_model
+    from coinfer.code import Code
+    from coinfer.encoders import encode as _encode
+
+    try:
+        kwargs = json.loads(arch_kwargs)
+    except json.JSONDecodeError as exc:
+        raise CoinferError(f"--arch-kwargs is not valid JSON: {exc}") from None
+    spec = {"name": arch, "kwargs": kwargs}
+    for p in model:
+        if not p.exists():
+            raise CoinferError(f"model checkpoint {p} does not exist")
+    models = [load_model(spec, p) for p in model]
+    x = torch.from_numpy(np.asarray(load_array(calibration, key), dtype=np.float32))
+    calib: object = x
+    if labels_key:
+        y = torch.from_numpy(np.asarray(load_array(calibration, labels_key), dtype=np.int64))
+        calib = (x, y)
+    w = json.loads(weights) if weights else None
+    code = Code(len(models), r, w)
+    opts = _parse_options(option or [])
+    if method == "coin":
+        opts = {"estimator": estimator, "num_samples": samples, "normalize": normalize, "progress": True, **opts}
+    elif samples is not None:
+        x = x[:samples]
+        calib = x if not isinstance(calib, tuple) else (x, calib[1][:samples])
+    coded = _encode(models, code, calib, method=method, **opts)
+    names = class_names.split(",") if class_names else None
+    bundle = Bundle(spec, code, models, list(coded), tuple(x.shape[1:]), names, coded.info)
+    path = bundle.save(out, overwrite=True)
+    console.print(f"wrote bundle [bold]{path}[/] (k={code.k}, r={code.r}, method={method}, {coded.info['seconds']:.2f}s)")
+    if "fisher_totals" in coded.info:
+        console.print("Fisher totals per model: " + ", ".join(f"{t:.4g}" for t in coded.info["fisher_totals"]))
+
+
+@app.command()
+def inspect(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -> None:
+    """Show a bundle's manifest, code, condition numbers and hash checks."""
+    from coinfer.bundle import Bundle
+    from coinfer.code import Code
+
+    manifest = Bundle.read_manifest(bundle)
+    code = Code.from_dict(manifest["code"])
+    console.print(f"[bold]{bundle}[/]  format v{manifest['format_version']}")
+    console.print(f"architecture: {manifest['architecture']}")
+    console.print(f"input shape: {manifest['input_shape']}   classes: {manifest.get('class_names')}")
+    enc = manifest.get("encoder") or {}
+    console.print(f"encoder: {enc.get('method')}  options: {enc.get('options')}")
+    if "fisher_totals" in enc:
+        console.print("Fisher totals: " + ", ".join(f"{t:.4g}" for t in enc["fisher_totals"]))
+    console.print(f"code: k={code.k} r={code.r} n={code.n}  W={np.round(code.weights, 4).tolist()}")
+    t = Table("erased workers", "condition number")
+    for pat in code.erasure_patterns():
+        t.add_row(str(list(pat)), f"{code.condition_number(pat):.3g}")
+    console.print(t)
+    checks = Bundle.verify(bundle)
+    h = Table("file", "sha256", "ok")
+    for name, ok in checks.items():
+        h.add_row(name, manifest["files"][name][:16] + "…", "[green]ok[/]" if ok else "[red]MISMATCH[/]")
+    console.print(h)
+    if not all(checks.values()):
+        bad = [n for n, ok in checks.items() if not ok]
+        raise CoinferError(f"hash check failed for {bad}")
+
+
+@app.command()
+def predict(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    input: Annotated[Path, typer.Option("--input", "-i", help="Inputs: .npy/.npz of (B, *input_shape) or one sample.")],
+    missing: Annotated[str | None, typer.Option(help="Comma-separated worker indices to treat as erased, e.g. 0,2.")] = None,
+    key: Annotated[str | None, typer.Option(help="Array name inside an .npz.")] = None,
+    project: Annotated[bool, typer.Option(help="Project decoded outputs onto the probability simplex.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON with full probabilities.")] = False,
+) -> None:
+    """Run every model of a bundle, decoding the outputs of missing workers."""
+    from coinfer.bundle import Bundle
+
+    b = Bundle.load(bundle)
+    x = np.asarray(load_array(input, key))
+    if tuple(x.shape) == b.input_shape:
+        x = x[None]
+    if tuple(x.shape[1:]) != b.input_shape:
+        raise CoinferError(f"input has shape {tuple(x.shape)}, expected (B, {', '.join(map(str, b.input_shape))})")
+    xt = torch.from_numpy(x.astype(np.float32))
+    if not torch.isfinite(xt).all():
+        raise CoinferError("input contains NaN or inf")
+    erased = _parse_indices(missing, b.n, "--missing")
+    outs = b.predict(xt, [i for i in range(b.n) if i not in erased])
+    dec = b.code.decode(outs, project=project)
+    names = b.class_names or [str(c) for c in range(dec.shape[-1])]
+    result = []
+    for j in range(b.code.k):
+        top = dec[j].argmax(-1).tolist()
+        result.append(
+            {
+                "model": j,
+                "reconstructed": j in erased,
+                "top1": top,
+                "labels": [names[t] for t in top],
+                "probabilities": dec[j].tolist(),
+            }
+        )
+    if as_json:
+        print(json.dumps({"erased": erased, "outputs": result}))
+        return
+    t = Table("model", "reconstructed", "top-1 per input")
+    for r_ in result:
+        t.add_row(str(r_["model"]), "yes" if r_["reconstructed"] else "no", " ".join(r_["labels"][:20]))
+    console.print(t)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Where to write the demo bundle.")] = Path("runs/demo"),
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Train k=2 models on bundled digits, encode COIN and average parities, evaluate erasures."""
+    from coinfer.demo import run_demo
+
+    console.print("[bold]coinfer demo[/]: digits (scikit-learn), k=2 class-split models, r=1 parity")
+    res = run_demo(out, seed=seed, progress=True)
+    t = Table("model", "classes", "own task acc", "method", "decoded task acc", "reconstruction acc", "TV to true")
+    for name, m in res["methods"].items():
+        for row in m["rows"]:
+            j = row["erased"]
+            info = res["models"][j]
+            t.add_row(
+                str(j), ",".join(map(str, info["classes"])), f"{info['task_acc']:.3f}", name,
+                f"{row['decoded_task_acc']:.3f}", f"{row['reconstruction_acc']:.3f}", f"{row['tv']:.3f}",
+            )
+    console.print(t)
+    tv = ", ".join(f"{n}: {m['coded_tv'][0]:.3f}" for n, m in res["methods"].items())
+    console.print(f"coded model's mean TV to the target mixture: {tv}")
+    console.print(f"bundle: {res['bundle']}   ({res['seconds']:.1f}s)")
+
+
+# Later parts of the system add their commands here: each module has
+# ``register(app: typer.Typer) -> None``.
+_COMMAND_MODULES = [
+]
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(app)
+
+
+_register_commands()
+
+
+def main() -> None:
+    """Console entry point: one clear line on bad input, traceback with --debug."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (CoinferError, ValueError, TypeError, OSError, KeyError, RuntimeError) as exc:
+        if debug:
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

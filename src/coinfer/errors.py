@@ -1,0 +1,46 @@
+"""Exceptions raised by coinfer. Every one names the offending input."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CoinferError",
+    "CodeError",
+    "DecodeError",
+    "ModelMismatchError",
+    "CalibrationError",
+    "BundleError",
+    "ArchitectureError",
+    "DataError",
+]
+
+
+class CoinferError(ValueError):
+    """Base class of every error coinfer raises on bad input."""
+
+
+class CodeError(CoinferError):
+    """Invalid code parameters or parity weights."""
+
+
+class DecodeError(CoinferError):
+    """Outputs that cannot be decoded (too many erasures, bad shapes)."""
+
+
+class ModelMismatchError(CoinferError):
+    """Models that cannot be encoded together (architecture, NaN, count)."""
+
+
+class CalibrationError(CoinferError):
+    """Calibration inputs of the wrong shape or type."""
+
+
+class BundleError(CoinferError):
+    """A bundle that is missing, corrupted, or does not match its manifest."""
+
+
+class ArchitectureError(CoinferError):
+    """An unknown or unbuildable architecture spec."""
+
+
+class DataError(CoinferError):
+    """A dataset file that is missing or malformed."""

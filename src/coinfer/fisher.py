@@ -1,0 +1,206 @@
+"""Diagonal Fisher information of a classifier.
+
+``F = E_x E_{y ~ q(y|x)} [ (d/dθ log p_θ(y|x))^2 ]`` element-wise, where ``q`` is
+
+* ``exact``: the model's own predictive distribution, summed over all classes;
+* ``sampled``: one ``y ~ p_θ(·|x)`` per input (seeded), an unbiased estimate of
+  ``exact`` at about one class's cost;
+* ``empirical``: the given labels (cheap, but biased when models disagree).
+
+Per-sample gradients come batched from ``torch.func`` (``functional_call``,
+``vmap``, ``grad``/``jacrev``) in chunks; ``vectorize=False`` runs the slow
+per-sample autograd loop that serves as the reference.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jacrev, vmap
+from tqdm.auto import tqdm
+
+from coinfer.errors import CalibrationError
+
+__all__ = ["diagonal_fisher", "ESTIMATORS", "fisher_total"]
+
+ESTIMATORS = ("exact", "sampled", "empirical")
+
+#: Default number of samples per vmap call. Chosen by ``benchmarks/fisher.py``
+#: on a 2-core CPU: larger chunks stop paying off and cost memory.
+DEFAULT_CHUNK = 32
+
+
+def _iter_batches(
+    inputs: torch.Tensor | Iterable, labels: torch.Tensor | None, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    if isinstance(inputs, torch.Tensor):
+        if labels is not None and len(labels) != len(inputs):
+            raise CalibrationError(
+                f"labels has {len(labels)} entries but inputs has {len(inputs)} samples"
+            )
+        for s in range(0, len(inputs), batch_size):
+            yield inputs[s : s + batch_size], None if labels is None else labels[s : s + batch_size]
+        return
+    for item in inputs:
+        if isinstance(item, torch.Tensor):
+            yield item, None
+        elif isinstance(item, list | tuple) and len(item) >= 1:
+            x = item[0]
+            y = item[1] if len(item) > 1 else None
+            yield x, y
+        else:
+            raise CalibrationError(
+                f"calibration batches must be tensors or (inputs, labels) pairs, got {type(item).__name__}"
+            )
+
+
+def _n_samples(inputs) -> int | None:
+    if isinstance(inputs, torch.Tensor):
+        return len(inputs)
+    ds = getattr(inputs, "dataset", None)
+    try:
+        return len(ds) if ds is not None else len(inputs)
+    except TypeError:
+        return None
+
+
+def diagonal_fisher(
+    model: nn.Module,
+    inputs: torch.Tensor | Iterable,
+    estimator: str = "exact",
+    labels: torch.Tensor | None = None,
+    batch_size: int = DEFAULT_CHUNK,
+    seed: int | None = None,
+    max_samples: int | None = None,
+    vectorize: bool = True,
+    progress: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher information of ``model`` (returning logits) on ``inputs``.
+
+    Args:
+        model: an ``nn.Module`` classifier mapping ``(B, *input_shape)`` to
+            ``(B, C)`` logits. Evaluated in eval mode (BatchNorm uses its running
+            statistics); its mode is restored afterwards.
+        inputs: a ``(N, *input_shape)`` tensor, or an iterable/DataLoader of
+            tensors or ``(inputs, labels)`` pairs.
+        estimator: ``"exact"``, ``"sampled"`` or ``"empirical"``.
+        labels: ``(N,)`` class indices, needed by ``empirical`` with a tensor input.
+        batch_size: samples per vectorised chunk (bounds memory: ``exact`` holds
+            ``batch_size * C`` gradients at once).
+        seed: seed for the ``sampled`` estimator.
+        max_samples: stop after this many samples.
+        vectorize: ``False`` runs the per-sample Python loop (reference, slow).
+        progress: show a progress bar (default: when stderr is a terminal).
+
+    Returns:
+        ``{name: tensor}`` aligned with ``model.named_parameters()`` (parameters
+        that require grad), each the mean over samples of squared score.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("model has no parameters that require grad")
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    gen = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator().manual_seed(
+        torch.seed() % (2**63)
+    )
+    was_training = model.training
+    model.eval()
+
+    def log_probs(p, x):
+        out = functional_call(model, (p, buffers), (x.unsqueeze(0),))
+        return torch.log_softmax(out, dim=-1).squeeze(0)
+
+    def log_prob_of(p, x, y):
+        return log_probs(p, x)[y]
+
+    per_sample_jac = vmap(jacrev(log_probs), in_dims=(None, 0))
+    per_sample_grad = vmap(grad(log_prob_of), in_dims=(None, 0, 0))
+
+    total = _n_samples(inputs)
+    if max_samples is not None and total is not None:
+        total = min(total, max_samples)
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=total, desc=f"fisher[{estimator}]", unit="sample", disable=not show, leave=False)
+    seen = 0
+    try:
+        for x, y in _iter_batches(inputs, labels, batch_size):
+            if max_samples is not None and seen >= max_samples:
+                break
+            if max_samples is not None:
+                x = x[: max_samples - seen]
+                y = None if y is None else y[: max_samples - seen]
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                raise CalibrationError(
+                    f"calibration inputs must be a floating-point tensor, got "
+                    f"{getattr(x, 'dtype', type(x).__name__)}"
+                )
+            if estimator == "empirical" and y is None:
+                raise CalibrationError("the empirical estimator needs labels")
+            # split loader batches into vectorisation chunks
+            for s in range(0, len(x), batch_size):
+                xc = x[s : s + batch_size]
+                yc = None if y is None else torch.as_tensor(y[s : s + batch_size]).long()
+                _accumulate(
+                    model, params, buffers, fisher, xc, yc, estimator, gen, vectorize,
+                    per_sample_jac, per_sample_grad,
+                )
+                seen += len(xc)
+                bar.update(len(xc))
+    finally:
+        bar.close()
+        model.train(was_training)
+    if seen == 0:
+        raise CalibrationError("no calibration samples were given")
+    return {n: f / seen for n, f in fisher.items()}
+
+
+def _accumulate(model, params, buffers, fisher, x, y, estimator, gen, vectorize, jac_fn, grad_fn):
+    with torch.no_grad():
+        logits = functional_call(model, (params, buffers), (x,))
+        if logits.ndim != 2:
+            raise CalibrationError(f"model must return (batch, C) logits, got shape {tuple(logits.shape)}")
+        probs = torch.softmax(logits, dim=-1)
+    if estimator == "sampled":
+        y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+    if y is not None and ((y < 0).any() or (y >= probs.shape[1]).any()):
+        raise CalibrationError(f"labels must lie in 0..{probs.shape[1] - 1}")
+    if not vectorize:
+        _accumulate_loop(model, params, fisher, x, y, probs, estimator)
+        return
+    if estimator == "exact":
+        jac = jac_fn(params, x)  # name -> (B, C, *shape)
+        for n, j in jac.items():
+            w = probs.reshape(probs.shape + (1,) * (j.ndim - 2))
+            fisher[n] += (w * j.pow(2)).sum(dim=(0, 1))
+    else:
+        g = grad_fn(params, x, y)  # name -> (B, *shape)
+        for n, gi in g.items():
+            fisher[n] += gi.pow(2).sum(dim=0)
+
+
+def _accumulate_loop(model, params, fisher, x, y, probs, estimator):
+    names = list(params)
+    live = dict(model.named_parameters())
+    tensors = [live[n] for n in names]
+    for b in range(len(x)):
+        with torch.enable_grad():
+            lp = torch.log_softmax(model(x[b : b + 1]), dim=-1)[0]
+        classes = range(lp.shape[0]) if estimator == "exact" else [int(y[b])]
+        for c in classes:
+            gs = torch.autograd.grad(lp[c], tensors, retain_graph=True)
+            wgt = probs[b, c] if estimator == "exact" else 1.0
+            for n, g in zip(names, gs, strict=True):
+                fisher[n] += wgt * g.pow(2)
+
+
+def fisher_total(fisher: dict[str, torch.Tensor]) -> float:
+    """Sum of all diagonal Fisher entries (the trace)."""
+    return float(sum(f.sum() for f in fisher.values()))
