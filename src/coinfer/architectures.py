@@ -136,7 +136,9 @@ def _resolve(name: str) -> Callable[..., nn.Module]:
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as exc:
-        raise ArchitectureError(f"cannot import module {mod_name!r} of architecture {name!r}: {exc}") from None
+        raise ArchitectureError(
+            f"cannot import module {mod_name!r} of architecture {name!r}: {exc}"
+        ) from None
     factory = getattr(mod, attr, None)
     if factory is None or not callable(factory):
         raise ArchitectureError(f"module {mod_name!r} has no callable {attr!r} (architecture {name!r})")
@@ -150,7 +152,11 @@ def build_model(spec: str | Mapping[str, Any]) -> nn.Module:
     try:
         model = factory(**spec["kwargs"])
     except TypeError as exc:
-        raise ArchitectureError(f"architecture {spec['name']!r} rejected kwargs {spec['kwargs']}: {exc}") from None
+        raise ArchitectureError(
+            f"architecture {spec['name']!r} rejected kwargs {spec['kwargs']}: {exc}"
+        ) from None
     if not isinstance(model, nn.Module):
-        raise ArchitectureError(f"architecture {spec['name']!r} returned {type(model).__name__}, not an nn.Module")
+        raise ArchitectureError(
+            f"architecture {spec['name']!r} returned {type(model).__name__}, not an nn.Module"
+        )
     return model

@@ -85,9 +85,13 @@ class Bundle:
         self.architecture = normalize_spec(self.architecture)
         self.input_shape = tuple(int(s) for s in self.input_shape)
         if len(self.data_models) != self.code.k:
-            raise BundleError(f"code has k = {self.code.k} but {len(self.data_models)} data models were given")
+            raise BundleError(
+                f"code has k = {self.code.k} but {len(self.data_models)} data models were given"
+            )
         if len(self.coded_models) != self.code.r:
-            raise BundleError(f"code has r = {self.code.r} but {len(self.coded_models)} coded models were given")
+            raise BundleError(
+                f"code has r = {self.code.r} but {len(self.coded_models)} coded models were given"
+            )
 
     @property
     def n(self) -> int:

@@ -86,21 +86,35 @@ def _parse_options(pairs: list[str]) -> dict:
 
 @app.command()
 def encode(
-    model: Annotated[list[Path], typer.Option("--model", "-m", help="Data model checkpoint (.safetensors); repeat k times, in order.")],
-    arch: Annotated[str, typer.Option(help="Architecture: mlp, lenet5, resnet20, or package.module:factory.")],
-    calibration: Annotated[Path, typer.Option(help="Calibration inputs: .npy (N, *input_shape) float, or .npz.")],
+    model: Annotated[
+        list[Path],
+        typer.Option("--model", "-m", help="Data model checkpoint (.safetensors); repeat k times, in order."),
+    ],
+    arch: Annotated[
+        str, typer.Option(help="Architecture: mlp, lenet5, resnet20, or package.module:factory.")
+    ],
+    calibration: Annotated[
+        Path, typer.Option(help="Calibration inputs: .npy (N, *input_shape) float, or .npz.")
+    ],
     out: Annotated[Path, typer.Option(help="Bundle directory to write.")],
     arch_kwargs: Annotated[str, typer.Option(help="Architecture kwargs as JSON.")] = "{}",
     r: Annotated[int, typer.Option("--r", help="Number of coded (parity) models.")] = 1,
     method: Annotated[str, typer.Option(help="Encoder: coin, average, distill.")] = "coin",
-    estimator: Annotated[str, typer.Option(help="Fisher estimator for coin: exact, sampled, empirical.")] = "exact",
+    estimator: Annotated[
+        str, typer.Option(help="Fisher estimator for coin: exact, sampled, empirical.")
+    ] = "exact",
     samples: Annotated[int | None, typer.Option(help="Calibration samples used (default all).")] = None,
     normalize: Annotated[bool, typer.Option(help="Normalise each model's Fisher to the same total.")] = False,
     key: Annotated[str | None, typer.Option(help="Array name inside a calibration .npz.")] = None,
-    labels_key: Annotated[str | None, typer.Option(help="Labels array in the .npz (for the empirical Fisher).")] = None,
+    labels_key: Annotated[
+        str | None, typer.Option(help="Labels array in the .npz (for the empirical Fisher).")
+    ] = None,
     weights: Annotated[str | None, typer.Option(help="Parity weights W as a JSON (r, k) list.")] = None,
     class_names: Annotated[str | None, typer.Option(help="Comma-separated class names.")] = None,
-    option: Annotated[list[str] | None, typer.Option(help="Extra encoder option key=value (JSON value); repeatable.")] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(help="Extra encoder option key=value (JSON value); repeatable."),
+    ] = None,
 ) -> None:
     """Encode k model checkpoints into a bundle with r coded models."""
     from coinfer.bundle import Bundle, load_model
@@ -125,7 +139,13 @@ def encode(
     code = Code(len(models), r, w)
     opts = _parse_options(option or [])
     if method == "coin":
-        opts = {"estimator": estimator, "num_samples": samples, "normalize": normalize, "progress": True, **opts}
+        opts = {
+            "estimator": estimator,
+            "num_samples": samples,
+            "normalize": normalize,
+            "progress": True,
+            **opts,
+        }
     elif samples is not None:
         x = x[:samples]
         calib = x if not isinstance(calib, tuple) else (x, calib[1][:samples])
@@ -133,9 +153,13 @@ def encode(
     names = class_names.split(",") if class_names else None
     bundle = Bundle(spec, code, models, list(coded), tuple(x.shape[1:]), names, coded.info)
     path = bundle.save(out, overwrite=True)
-    console.print(f"wrote bundle [bold]{path}[/] (k={code.k}, r={code.r}, method={method}, {coded.info['seconds']:.2f}s)")
+    console.print(
+        f"wrote bundle [bold]{path}[/] (k={code.k}, r={code.r}, method={method}, {coded.info['seconds']:.2f}s)"
+    )
     if "fisher_totals" in coded.info:
-        console.print("Fisher totals per model: " + ", ".join(f"{t:.4g}" for t in coded.info["fisher_totals"]))
+        console.print(
+            "Fisher totals per model: " + ", ".join(f"{t:.4g}" for t in coded.info["fisher_totals"])
+        )
 
 
 @app.command()
@@ -171,10 +195,18 @@ def inspect(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -
 @app.command()
 def predict(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
-    input: Annotated[Path, typer.Option("--input", "-i", help="Inputs: .npy/.npz of (B, *input_shape) or one sample.")],
-    missing: Annotated[str | None, typer.Option(help="Comma-separated worker indices to treat as erased, e.g. 0,2.")] = None,
+    input: Annotated[
+        Path,
+        typer.Option("--input", "-i", help="Inputs: .npy/.npz of (B, *input_shape) or one sample."),
+    ],
+    missing: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated worker indices to treat as erased, e.g. 0,2."),
+    ] = None,
     key: Annotated[str | None, typer.Option(help="Array name inside an .npz.")] = None,
-    project: Annotated[bool, typer.Option(help="Project decoded outputs onto the probability simplex.")] = True,
+    project: Annotated[
+        bool, typer.Option(help="Project decoded outputs onto the probability simplex.")
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON with full probabilities.")] = False,
 ) -> None:
     """Run every model of a bundle, decoding the outputs of missing workers."""
@@ -185,7 +217,9 @@ def predict(
     if tuple(x.shape) == b.input_shape:
         x = x[None]
     if tuple(x.shape[1:]) != b.input_shape:
-        raise CoinferError(f"input has shape {tuple(x.shape)}, expected (B, {', '.join(map(str, b.input_shape))})")
+        raise CoinferError(
+            f"input has shape {tuple(x.shape)}, expected (B, {', '.join(map(str, b.input_shape))})"
+        )
     xt = torch.from_numpy(x.astype(np.float32))
     if not torch.isfinite(xt).all():
         raise CoinferError("input contains NaN or inf")
@@ -224,14 +258,27 @@ def demo(
 
     console.print("[bold]coinfer demo[/]: digits (scikit-learn), k=2 class-split models, r=1 parity")
     res = run_demo(out, seed=seed, progress=True)
-    t = Table("model", "classes", "own task acc", "method", "decoded task acc", "reconstruction acc", "TV to true")
+    t = Table(
+        "model",
+        "classes",
+        "own task acc",
+        "method",
+        "decoded task acc",
+        "reconstruction acc",
+        "TV to true",
+    )
     for name, m in res["methods"].items():
         for row in m["rows"]:
             j = row["erased"]
             info = res["models"][j]
             t.add_row(
-                str(j), ",".join(map(str, info["classes"])), f"{info['task_acc']:.3f}", name,
-                f"{row['decoded_task_acc']:.3f}", f"{row['reconstruction_acc']:.3f}", f"{row['tv']:.3f}",
+                str(j),
+                ",".join(map(str, info["classes"])),
+                f"{info['task_acc']:.3f}",
+                name,
+                f"{row['decoded_task_acc']:.3f}",
+                f"{row['reconstruction_acc']:.3f}",
+                f"{row['tv']:.3f}",
             )
     console.print(t)
     tv = ", ".join(f"{n}: {m['coded_tv'][0]:.3f}" for n, m in res["methods"].items())
@@ -241,8 +288,7 @@ def demo(
 
 # Later parts of the system add their commands here: each module has
 # ``register(app: typer.Typer) -> None``.
-_COMMAND_MODULES = [
-]
+_COMMAND_MODULES = []
 
 
 def _register_commands() -> None:

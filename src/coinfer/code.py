@@ -74,17 +74,13 @@ class Code:
         except (TypeError, ValueError) as exc:
             raise CodeError(f"weights must be a numeric (r, k) matrix: {exc}") from None
         if w.ndim != 2 or w.shape != (self.r, self.k):
-            raise CodeError(
-                f"weights must have shape (r, k) = ({self.r}, {self.k}), got {tuple(w.shape)}"
-            )
+            raise CodeError(f"weights must have shape (r, k) = ({self.r}, {self.k}), got {tuple(w.shape)}")
         if not np.all(np.isfinite(w)):
             raise CodeError("weights contain NaN or infinite entries")
         neg = np.argwhere(w < 0)
         if len(neg):
             i, j = neg[0]
-            raise CodeError(
-                f"weights must be non-negative (a mixture), got weights[{i}][{j}] = {w[i, j]:g}"
-            )
+            raise CodeError(f"weights must be non-negative (a mixture), got weights[{i}][{j}] = {w[i, j]:g}")
         sums = w.sum(axis=1)
         bad = np.flatnonzero(np.abs(sums - 1.0) > _ROW_SUM_TOL)
         if len(bad):
@@ -201,15 +197,11 @@ class Code:
         This is what an ideal (linear) coded model would output; useful as the
         target mixture and in tests."""
         if data_outputs.shape[0] != self.k:
-            raise DecodeError(
-                f"expected {self.k} data outputs along dim 0, got {data_outputs.shape[0]}"
-            )
+            raise DecodeError(f"expected {self.k} data outputs along dim 0, got {data_outputs.shape[0]}")
         g = torch.tensor(self._generator, dtype=data_outputs.dtype, device=data_outputs.device)
         return torch.einsum("nk,k...->n...", g, data_outputs)
 
-    def decode(
-        self, available: Mapping[int, torch.Tensor], project: bool = False
-    ) -> torch.Tensor:
+    def decode(self, available: Mapping[int, torch.Tensor], project: bool = False) -> torch.Tensor:
         """Recover all ``k`` data outputs from whichever outputs arrived.
 
         Args:
@@ -277,4 +269,3 @@ def project_simplex(v: torch.Tensor) -> torch.Tensor:
     rho = cond.sum(-1, keepdim=True) - 1
     theta = css.gather(-1, rho) / (rho + 1).to(v.dtype)
     return torch.clamp(v - theta, min=0.0)
-

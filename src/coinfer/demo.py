@@ -39,7 +39,16 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, progress: bool | None
     base_idx, rest = perm[:n_base], perm[n_base:]
     torch.manual_seed(seed)
     base = build_model(ARCH)
-    fit(base, ds.x_train[base_idx], ds.y_train[base_idx], epochs=10, lr=3e-3, seed=seed, progress=progress, desc="base model")
+    fit(
+        base,
+        ds.x_train[base_idx],
+        ds.y_train[base_idx],
+        epochs=10,
+        lr=3e-3,
+        seed=seed,
+        progress=progress,
+        desc="base model",
+    )
     splits = class_split(ds.num_classes, k)
     parts, task_masks = [], []
     for classes in splits:

@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from coinfer.code import Code
 from coinfer.errors import CalibrationError, ModelMismatchError
-from coinfer.train import predict_probs
 from coinfer.fisher import DEFAULT_CHUNK, ESTIMATORS, diagonal_fisher, fisher_total
+from coinfer.train import predict_probs
 
 __all__ = [
     "encode",
@@ -107,7 +107,9 @@ def check_models(models: Sequence[nn.Module], k: int | None = None) -> None:
             pnames = {n for n, _ in m.named_parameters()}
             if pnames != ref_params:
                 diff = sorted(pnames ^ ref_params)[:3]
-                raise ModelMismatchError(f"model {i} differs from model 0 in which tensors are parameters: {diff}")
+                raise ModelMismatchError(
+                    f"model {i} differs from model 0 in which tensors are parameters: {diff}"
+                )
         for n, t in sd.items():
             r = ref[n]
             if t.shape != r.shape:
@@ -115,7 +117,9 @@ def check_models(models: Sequence[nn.Module], k: int | None = None) -> None:
                     f"model {i} parameter {n!r} has shape {tuple(t.shape)}, model 0 has {tuple(r.shape)}"
                 )
             if t.dtype != r.dtype:
-                raise ModelMismatchError(f"model {i} parameter {n!r} has dtype {t.dtype}, model 0 has {r.dtype}")
+                raise ModelMismatchError(
+                    f"model {i} parameter {n!r} has dtype {t.dtype}, model 0 has {r.dtype}"
+                )
             if t.is_floating_point() and not torch.isfinite(t).all():
                 bad = int((~torch.isfinite(t)).sum())
                 raise ModelMismatchError(f"model {i} parameter {n!r} has {bad} NaN/inf entries")
@@ -125,8 +129,10 @@ def _as_calibration(calibration) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Tensor, ``(x, y)`` pair, or an iterable of batches -> ``(x, y or None)``."""
     if isinstance(calibration, torch.Tensor):
         return calibration, None
-    if isinstance(calibration, tuple | list) and len(calibration) == 2 and all(
-        isinstance(t, torch.Tensor) for t in calibration
+    if (
+        isinstance(calibration, tuple | list)
+        and len(calibration) == 2
+        and all(isinstance(t, torch.Tensor) for t in calibration)
     ):
         x, y = calibration
         if len(x) != len(y):
@@ -159,7 +165,9 @@ def _check_calibration(models: Sequence[nn.Module], x: torch.Tensor, input_shape
     if not x.is_floating_point():
         raise CalibrationError(f"calibration inputs must be floating point, got {x.dtype}")
     if x.ndim < 2 or len(x) == 0:
-        raise CalibrationError(f"calibration inputs must be a (N, *input_shape) batch, got shape {tuple(x.shape)}")
+        raise CalibrationError(
+            f"calibration inputs must be a (N, *input_shape) batch, got shape {tuple(x.shape)}"
+        )
     if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
         raise CalibrationError(
             f"calibration inputs have per-sample shape {tuple(x.shape[1:])}, expected {tuple(input_shape)}"
@@ -193,7 +201,9 @@ def weighted_average(models: Sequence[nn.Module], w: Sequence[float]) -> nn.Modu
     new = {}
     for n, t in sds[0].items():
         if t.is_floating_point():
-            new[n] = sum(float(wi) * sd[n].to(torch.float64) for wi, sd in zip(w, sds, strict=True)).to(t.dtype)
+            new[n] = sum(float(wi) * sd[n].to(torch.float64) for wi, sd in zip(w, sds, strict=True)).to(
+                t.dtype
+            )
         else:
             new[n] = t.clone()
     out.load_state_dict(new)
@@ -201,7 +211,9 @@ def weighted_average(models: Sequence[nn.Module], w: Sequence[float]) -> nn.Modu
 
 
 def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    return [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
 
 
 @torch.no_grad()
@@ -272,17 +284,27 @@ def _coin(models, code: Code, x, y, opts: CoinOptions):
         raise CalibrationError("estimator 'empirical' needs labelled calibration data: pass (inputs, labels)")
     n = len(x) if opts.num_samples is None else min(opts.num_samples, len(x))
     fishers = []
-    for i, m in enumerate(tqdm(models, desc="coin: fisher per model", disable=not _show(opts.progress), leave=False)):
+    for i, m in enumerate(
+        tqdm(models, desc="coin: fisher per model", disable=not _show(opts.progress), leave=False)
+    ):
         fishers.append(
             diagonal_fisher(
-                m, x[:n], opts.estimator, labels=None if y is None else y[:n],
-                batch_size=opts.batch_size, seed=opts.seed + i, progress=False,
+                m,
+                x[:n],
+                opts.estimator,
+                labels=None if y is None else y[:n],
+                batch_size=opts.batch_size,
+                seed=opts.seed + i,
+                progress=False,
             )
         )
     totals = [fisher_total(f) for f in fishers]
     if opts.normalize:
         target = sum(totals) / len(totals)
-        fishers = [{p: f * (target / max(t, 1e-30)) for p, f in fi.items()} for fi, t in zip(fishers, totals, strict=True)]
+        fishers = [
+            {p: f * (target / max(t, 1e-30)) for p, f in fi.items()}
+            for fi, t in zip(fishers, totals, strict=True)
+        ]
     coded_models, fallback = [], []
     params = [dict(m.named_parameters()) for m in models]
     for row in code.weights:
@@ -292,7 +314,10 @@ def _coin(models, code: Code, x, y, opts: CoinOptions):
             for name, p in coded.named_parameters():
                 if name not in fishers[0]:
                     continue
-                num = sum(float(w) * f[name].double() * ps[name].double() for w, f, ps in zip(row, fishers, params, strict=True))
+                num = sum(
+                    float(w) * f[name].double() * ps[name].double()
+                    for w, f, ps in zip(row, fishers, params, strict=True)
+                )
                 den = sum(float(w) * f[name].double() for w, f in zip(row, fishers, strict=True))
                 avg = sum(float(w) * ps[name].double() for w, ps in zip(row, params, strict=True))
                 ok = den > opts.eps

@@ -38,9 +38,7 @@ def _iter_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     if isinstance(inputs, torch.Tensor):
         if labels is not None and len(labels) != len(inputs):
-            raise CalibrationError(
-                f"labels has {len(labels)} entries but inputs has {len(inputs)} samples"
-            )
+            raise CalibrationError(f"labels has {len(labels)} entries but inputs has {len(inputs)} samples")
         for s in range(0, len(inputs), batch_size):
             yield inputs[s : s + batch_size], None if labels is None else labels[s : s + batch_size]
         return
@@ -108,8 +106,10 @@ def diagonal_fisher(
         raise ValueError("model has no parameters that require grad")
     buffers = {n: b.detach() for n, b in model.named_buffers()}
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
-    gen = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator().manual_seed(
-        torch.seed() % (2**63)
+    gen = (
+        torch.Generator().manual_seed(seed)
+        if seed is not None
+        else torch.Generator().manual_seed(torch.seed() % (2**63))
     )
     was_training = model.training
     model.eval()
@@ -149,8 +149,17 @@ def diagonal_fisher(
                 xc = x[s : s + batch_size]
                 yc = None if y is None else torch.as_tensor(y[s : s + batch_size]).long()
                 _accumulate(
-                    model, params, buffers, fisher, xc, yc, estimator, gen, vectorize,
-                    per_sample_jac, per_sample_grad,
+                    model,
+                    params,
+                    buffers,
+                    fisher,
+                    xc,
+                    yc,
+                    estimator,
+                    gen,
+                    vectorize,
+                    per_sample_jac,
+                    per_sample_grad,
                 )
                 seen += len(xc)
                 bar.update(len(xc))
