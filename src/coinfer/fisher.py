@@ -119,7 +119,8 @@ def diagonal_fisher(
         return torch.log_softmax(out, dim=-1).squeeze(0)
 
     def log_prob_of(p, x, y):
-        return log_probs(p, x)[y]
+        # gather, not [y]: indexing with a batched tensor is data-dependent under vmap
+        return log_probs(p, x).gather(0, y.reshape(1)).squeeze(0)
 
     per_sample_jac = vmap(jacrev(log_probs), in_dims=(None, 0))
     per_sample_grad = vmap(grad(log_prob_of), in_dims=(None, 0, 0))
