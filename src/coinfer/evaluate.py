@@ -8,7 +8,7 @@ surviving model's output removes its classes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -18,8 +18,23 @@ __all__ = [
     "total_variation",
     "negative_mass",
     "evaluate_patterns",
+    "evaluate_estimates",
+    "substitute_estimates",
+    "default_estimates",
+    "summarize",
     "target_mixture_tv",
+    "METRICS",
 ]
+
+#: The per-row metrics, in the order tables show them.
+METRICS = (
+    "reconstruction_acc",
+    "reconstruction_acc_task",
+    "decoded_task_acc",
+    "own_task_acc",
+    "tv",
+    "negative_mass",
+)
 
 
 def total_variation(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -63,30 +78,98 @@ def evaluate_patterns(
     n, _, _ = outputs.shape
     if n != code.n:
         raise ValueError(f"outputs has {n} workers along dim 0, the code has n = {code.n}")
-    rows = []
+    estimates = {}
     for pat in patterns if patterns is not None else code.erasure_patterns():
         avail = {i: outputs[i] for i in range(code.n) if i not in pat}
-        dec = code.decode(avail)
+        estimates[tuple(pat)] = code.decode(avail)
+    return evaluate_estimates(outputs[: code.k], estimates, labels, task_masks)
+
+
+def _row(pat, j, true, est, labels, task_masks) -> dict:
+    agree = est.argmax(-1) == true.argmax(-1)
+    row = {
+        "pattern": list(pat),
+        "erased": j,
+        "reconstruction_acc": float(agree.float().mean()),
+        "tv": float(total_variation(est, true).mean()),
+        "negative_mass": float(negative_mass(est).mean()),
+    }
+    if task_masks is not None:
+        m = task_masks[j]
+        row["reconstruction_acc_task"] = float(agree[m].float().mean())
+        if labels is not None:
+            row["decoded_task_acc"] = float((est[m].argmax(-1) == labels[m]).float().mean())
+            row["own_task_acc"] = float((true[m].argmax(-1) == labels[m]).float().mean())
+    elif labels is not None:
+        row["decoded_task_acc"] = float((est.argmax(-1) == labels).float().mean())
+        row["own_task_acc"] = float((true.argmax(-1) == labels).float().mean())
+    return row
+
+
+def evaluate_estimates(
+    data_outputs: torch.Tensor,
+    estimates: Mapping[tuple[int, ...], torch.Tensor],
+    labels: torch.Tensor | None = None,
+    task_masks: Sequence[torch.Tensor] | None = None,
+) -> list[dict]:
+    """Measure estimated outputs of erased data models against their true outputs.
+
+    Args:
+        data_outputs: ``(k, N, C)`` true outputs of the k data models.
+        estimates: maps an erasure pattern (worker indices) to ``(k, N, C)``
+            estimates; only the erased data models' rows are read.
+        labels, task_masks: as in :func:`evaluate_patterns`.
+
+    Returns:
+        One row per (pattern, erased data model); see :func:`evaluate_patterns`.
+    """
+    k = data_outputs.shape[0]
+    rows = []
+    for pat, est in estimates.items():
         for j in pat:
-            if j >= code.k:
-                continue
-            true, est = outputs[j], dec[j]
-            agree = est.argmax(-1) == true.argmax(-1)
-            row = {
-                "pattern": list(pat),
-                "erased": j,
-                "reconstruction_acc": float(agree.float().mean()),
-                "tv": float(total_variation(est, true).mean()),
-                "negative_mass": float(negative_mass(est).mean()),
-            }
-            if task_masks is not None:
-                m = task_masks[j]
-                row["reconstruction_acc_task"] = float(agree[m].float().mean())
-                if labels is not None:
-                    row["decoded_task_acc"] = float((est[m].argmax(-1) == labels[m]).float().mean())
-                    row["own_task_acc"] = float((true[m].argmax(-1) == labels[m]).float().mean())
-            elif labels is not None:
-                row["decoded_task_acc"] = float((est.argmax(-1) == labels).float().mean())
-                row["own_task_acc"] = float((true.argmax(-1) == labels).float().mean())
-            rows.append(row)
+            if j < k:
+                rows.append(_row(pat, j, data_outputs[j], est[j], labels, task_masks))
     return rows
+
+
+def substitute_estimates(
+    data_outputs: torch.Tensor, patterns: Sequence[Sequence[int]]
+) -> dict[tuple[int, ...], torch.Tensor]:
+    """No parity: each erased model's output is replaced by the mean output of the
+    surviving data models (uniform if none survives)."""
+    k, _, c = data_outputs.shape
+    out = {}
+    for pat in patterns:
+        alive = [i for i in range(k) if i not in pat]
+        sub = data_outputs[alive].mean(0) if alive else torch.full_like(data_outputs[0], 1.0 / c)
+        est = data_outputs.clone()
+        for j in pat:
+            if j < k:
+                est[j] = sub
+        out[tuple(pat)] = est
+    return out
+
+
+def default_estimates(
+    data_outputs: torch.Tensor, patterns: Sequence[Sequence[int]]
+) -> dict[tuple[int, ...], torch.Tensor]:
+    """No parity: each erased model's output is a constant answer, the uniform
+    distribution (its top-1 is class 0: chance accuracy, as ParM reports "default")."""
+    _, _, c = data_outputs.shape
+    out = {}
+    for pat in patterns:
+        est = data_outputs.clone()
+        for j in pat:
+            if j < data_outputs.shape[0]:
+                est[j] = 1.0 / c
+        out[tuple(pat)] = est
+    return out
+
+
+def summarize(rows: Sequence[dict]) -> dict[str, float]:
+    """Mean of each metric over rows (patterns x erased models); NaN if absent."""
+    out = {}
+    for m in METRICS:
+        vals = [r[m] for r in rows if m in r and r[m] == r[m]]
+        out[m] = sum(vals) / len(vals) if vals else float("nan")
+    return out

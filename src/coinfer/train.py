@@ -30,17 +30,29 @@ def fit(
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     progress: bool | None = None,
     desc: str = "train",
+    optimizer: str = "adam",
+    momentum: float = 0.9,
 ) -> nn.Module:
-    """Train ``model`` in place on ``(x, y)`` with Adam and cross-entropy; returns it.
+    """Train ``model`` in place on ``(x, y)`` with cross-entropy; returns it.
 
-    ``lr`` follows a cosine schedule to zero over the run."""
+    ``optimizer`` is ``"adam"`` (default) or ``"sgd"`` (Nesterov momentum
+    ``momentum``, the usual choice for ResNets). ``lr`` follows a cosine
+    schedule to zero over the run; ``augment(batch, generator)`` transforms
+    each training batch (e.g. :func:`coinfer.data.random_crop_flip`)."""
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
     if len(x) == 0:
         raise ValueError("cannot train on an empty dataset")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay
+        )
+    else:
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     steps = epochs * math.ceil(len(x) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     show = sys.stderr.isatty() if progress is None else progress
