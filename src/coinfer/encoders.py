@@ -46,6 +46,8 @@ __all__ = [
     "AverageOptions",
     "DistillOptions",
     "weighted_average",
+    "fisher_weighted_average",
+    "recompute_batchnorm",
 ]
 
 
@@ -261,6 +263,38 @@ def _show(progress: bool | None) -> bool:
 
 
 # --------------------------------------------------------------------------- methods
+def fisher_weighted_average(
+    models: Sequence[nn.Module],
+    fishers: Sequence[dict[str, torch.Tensor]],
+    w: Sequence[float],
+    eps: float = 1e-12,
+) -> tuple[nn.Module, int]:
+    """COIN's closed form for one parity row: ``Σ w_i F_i θ_i / Σ w_i F_i``.
+
+    Element-wise per parameter; where ``Σ w_i F_i <= eps`` the entry falls back
+    to the w-weighted average. Buffers are copied from model 0 (the caller sets
+    them). Returns the coded model and the number of fall-back entries."""
+    coded = copy.deepcopy(models[0])
+    params = [dict(m.named_parameters()) for m in models]
+    n_fallback = 0
+    with torch.no_grad():
+        for name, p in coded.named_parameters():
+            if name not in fishers[0]:
+                continue
+            num = torch.zeros_like(p, dtype=torch.float64)
+            den = torch.zeros_like(num)
+            avg = torch.zeros_like(num)
+            for wi, f, ps in zip(w, fishers, params, strict=True):
+                fi = f[name].double()
+                num += float(wi) * fi * ps[name].double()
+                den += float(wi) * fi
+                avg += float(wi) * ps[name].double()
+            ok = den > eps
+            n_fallback += int((~ok).sum())
+            p.copy_(torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), avg).to(p.dtype))
+    return coded, n_fallback
+
+
 @dataclass
 class CoinOptions:
     """Options of the ``coin`` encoder."""
@@ -306,23 +340,8 @@ def _coin(models, code: Code, x, y, opts: CoinOptions):
             for fi, t in zip(fishers, totals, strict=True)
         ]
     coded_models, fallback = [], []
-    params = [dict(m.named_parameters()) for m in models]
     for row in code.weights:
-        coded = copy.deepcopy(models[0])
-        n_fallback = 0
-        with torch.no_grad():
-            for name, p in coded.named_parameters():
-                if name not in fishers[0]:
-                    continue
-                num = sum(
-                    float(w) * f[name].double() * ps[name].double()
-                    for w, f, ps in zip(row, fishers, params, strict=True)
-                )
-                den = sum(float(w) * f[name].double() for w, f in zip(row, fishers, strict=True))
-                avg = sum(float(w) * ps[name].double() for w, ps in zip(row, params, strict=True))
-                ok = den > opts.eps
-                n_fallback += int((~ok).sum())
-                p.copy_(torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), avg).to(p.dtype))
+        coded, n_fallback = fisher_weighted_average(models, fishers, row, opts.eps)
         _finish_buffers(coded, models, row, x[:n], opts.buffers)
         coded_models.append(coded)
         fallback.append(n_fallback)
@@ -391,7 +410,7 @@ def _distill(models, code: Code, x, y, opts: DistillOptions):
         probs = torch.stack([predict_probs(m, data) for m in models])  # (k, N, C)
     coded, fwd, bwd, info_extra = [], 0, 0, {}
     for ri, row in enumerate(code.weights):
-        target = torch.einsum("k,knc->nc", torch.as_tensor(row, dtype=probs.dtype), probs)
+        target = torch.einsum("k,knc->nc", torch.tensor(row, dtype=probs.dtype), probs)
         if isinstance(opts.init, nn.Module):
             student = copy.deepcopy(opts.init)
         elif opts.init == "random":

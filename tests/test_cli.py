@@ -1,0 +1,144 @@
+"""The coinfer CLI end to end on tiny models (in-process, through main())."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from coinfer import Bundle, build_model
+from coinfer.bundle import save_model
+from coinfer.cli import app, main
+
+ARCH_KWARGS = json.dumps({"in_features": 12, "hidden": [8], "num_classes": 4})
+
+
+def run_cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["coinfer", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    torch.manual_seed(0)
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"m{i}.safetensors"
+        save_model(build_model({"name": "mlp", "kwargs": json.loads(ARCH_KWARGS)}), p)
+        paths.append(p)
+    calib = tmp_path / "calib.npz"
+    rng = np.random.default_rng(0)
+    np.savez(calib, x=rng.normal(size=(40, 12)).astype(np.float32), y=rng.integers(0, 4, 40))
+    return paths, calib
+
+
+def encode_args(paths, calib, out, *extra):
+    args = ["encode", "--arch", "mlp", "--arch-kwargs", ARCH_KWARGS, "--calibration", calib, "--out", out]
+    for p in paths:
+        args += ["--model", p]
+    return args + list(extra)
+
+
+def test_encode_inspect_predict_end_to_end(monkeypatch, capsys, tmp_path, checkpoints):
+    paths, calib = checkpoints
+    out = tmp_path / "bundle"
+    code, stdout, err = run_cli(
+        monkeypatch,
+        capsys,
+        *encode_args(
+            paths,
+            calib,
+            out,
+            "--r",
+            "2",
+            "--estimator",
+            "empirical",
+            "--labels-key",
+            "y",
+            "--class-names",
+            "a,b,c,d",
+        ),
+    )
+    assert code == 0, err
+    assert "wrote bundle" in stdout and "Fisher totals" in stdout
+    b = Bundle.load(out)
+    assert (b.code.k, b.code.r) == (3, 2) and b.encoder["options"]["estimator"] == "empirical"
+
+    code, stdout, err = run_cli(monkeypatch, capsys, "inspect", out)
+    assert code == 0, err
+    assert "condition number" in stdout and "MISMATCH" not in stdout and stdout.count("ok") >= 5
+
+    x = tmp_path / "x.npy"
+    np.save(x, np.random.default_rng(1).normal(size=(5, 12)).astype(np.float32))
+    code, stdout, err = run_cli(
+        monkeypatch, capsys, "predict", out, "--input", x, "--missing", "0,2", "--json"
+    )
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["erased"] == [0, 2]
+    assert [o["reconstructed"] for o in res["outputs"]] == [True, False, True]
+    # the decoded outputs are what Code.decode gives from the surviving workers
+    xt = torch.from_numpy(np.load(x))
+    want = b.code.decode(b.predict(xt, [1, 3, 4]), project=True)
+    for j, o in enumerate(res["outputs"]):
+        np.testing.assert_allclose(o["probabilities"], want[j].numpy(), atol=1e-6)
+        assert o["labels"][0] in "abcd"
+
+    code, stdout, _ = run_cli(monkeypatch, capsys, "predict", out, "--input", x)
+    assert code == 0 and "reconstructed" in stdout
+
+
+def test_errors_print_one_line_and_exit_nonzero(monkeypatch, capsys, tmp_path, checkpoints):
+    paths, calib = checkpoints
+    out = tmp_path / "bundle"
+    assert run_cli(monkeypatch, capsys, *encode_args(paths, calib, out))[0] == 0
+    x = tmp_path / "x.npy"
+    np.save(x, np.zeros((2, 12), np.float32))
+    cases = [
+        (
+            ["predict", out, "--input", x, "--missing", "0,1,2"],
+            "cannot decode: workers [0, 1, 2] are missing",
+        ),
+        (["predict", out, "--input", x, "--missing", "9"], "out of range"),
+        (["predict", out, "--input", tmp_path / "nope.npy"], "does not exist"),
+        (["inspect", tmp_path / "nothing"], "does not exist"),
+        (encode_args(paths[:1], calib, tmp_path / "b1"), "k >= 2"),
+        (
+            encode_args(
+                paths, calib, tmp_path / "b2", "--arch-kwargs", '{"in_features": 13, "num_classes": 4}'
+            ),
+            "do not match architecture",
+        ),
+    ]
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((2, 7), np.float32))
+    cases.append((["predict", out, "--input", bad], "expected (B, 12)"))
+    for args, needle in cases:
+        code, stdout, err = run_cli(monkeypatch, capsys, *args)
+        assert code != 0, args
+        assert needle in err, (args, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_debug_shows_the_traceback(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["coinfer", "--debug", "inspect", str(tmp_path / "none")])
+    with pytest.raises(Exception, match="does not exist"):
+        main()
+
+
+def test_every_command_has_help():
+    names = [c.name or c.callback.__name__ for c in app.registered_commands]
+    assert {"encode", "inspect", "predict", "demo"} <= set(names)
+    for name in [*names, None]:
+        args = [sys.executable, "-m", "coinfer.cli"] + ([name] if name else []) + ["--help"]
+        res = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert "Usage" in res.stdout

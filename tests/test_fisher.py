@@ -1,0 +1,118 @@
+"""Diagonal Fisher: vectorised estimators against a slow per-sample reference."""
+
+import pytest
+import torch
+
+from coinfer import CalibrationError, diagonal_fisher
+from coinfer.fisher import fisher_total
+from tests.conftest import SmallBN, SmallCNN
+
+
+def reference_fisher(model, x, estimator, labels=None):
+    """Independent per-sample loop: plain autograd, one class at a time."""
+    model.eval()
+    params = [p for p in model.parameters()]
+    names = [n for n, _ in model.named_parameters()]
+    acc = [torch.zeros_like(p) for p in params]
+    for b in range(len(x)):
+        logp = torch.log_softmax(model(x[b : b + 1]), -1)[0]
+        p = logp.exp().detach()
+        if estimator == "exact":
+            terms = [(c, float(p[c])) for c in range(len(p))]
+        else:
+            terms = [(int(labels[b]), 1.0)]
+        for c, w in terms:
+            grads = torch.autograd.grad(logp[c], params, retain_graph=True)
+            for a, g in zip(acc, grads, strict=True):
+                a += w * g**2
+    return {n: a / len(x) for n, a in zip(names, acc, strict=True)}
+
+
+def assert_rel_close(got, want, rel=1e-4):
+    assert got.keys() == want.keys()
+    for n in want:
+        scale = want[n].abs().max().clamp(min=1e-12)
+        err = (got[n] - want[n]).abs().max() / scale
+        assert err < rel, f"{n}: relative error {float(err):.2e}"
+
+
+@pytest.fixture(params=["cnn", "bn"])
+def model(request):
+    torch.manual_seed(3)
+    m = SmallCNN() if request.param == "cnn" else SmallBN()
+    if request.param == "bn":  # give BatchNorm non-trivial running statistics
+        m.train()
+        with torch.no_grad():
+            m(torch.randn(32, 1, 6, 6) * 2 + 1)
+        m.eval()
+    return m.double()
+
+
+def test_exact_matches_the_per_sample_loop(model, images):
+    x = images.double()
+    assert_rel_close(diagonal_fisher(model, x, "exact", batch_size=7), reference_fisher(model, x, "exact"))
+
+
+def test_empirical_matches_the_per_sample_loop(model, images):
+    x = images.double()
+    y = torch.arange(len(x)) % 4
+    got = diagonal_fisher(model, x, "empirical", labels=y, batch_size=5)
+    assert_rel_close(got, reference_fisher(model, x, "empirical", y))
+
+
+def test_sampled_matches_the_loop_with_the_same_labels_and_is_seeded(model, images):
+    x = images.double()
+    a = diagonal_fisher(model, x, "sampled", seed=11, batch_size=6)
+    b = diagonal_fisher(model, x, "sampled", seed=11, batch_size=6)
+    c = diagonal_fisher(model, x, "sampled", seed=12, batch_size=6)
+    for n in a:
+        assert torch.equal(a[n], b[n])
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+    # the sampled labels come from the model's own distribution: reproduce them
+    with torch.no_grad():
+        probs = torch.softmax(model(x), -1)
+    g = torch.Generator().manual_seed(11)
+    ys = torch.cat(
+        [torch.multinomial(probs[s : s + 6], 1, generator=g).squeeze(1) for s in range(0, len(x), 6)]
+    )
+    assert_rel_close(a, reference_fisher(model, x, "empirical", ys))
+
+
+def test_loop_path_matches_the_vectorised_path(images):
+    torch.manual_seed(0)
+    m = SmallCNN().double()
+    x = images.double()
+    assert_rel_close(diagonal_fisher(m, x, vectorize=False), diagonal_fisher(m, x), rel=1e-8)
+
+
+def test_fisher_is_keyed_like_named_parameters_and_restores_mode(images):
+    m = SmallBN()
+    m.train()
+    f = diagonal_fisher(m, images)
+    assert list(f) == [n for n, _ in m.named_parameters()]
+    assert all(f[n].shape == p.shape for n, p in m.named_parameters())
+    assert m.training
+    assert fisher_total(f) > 0
+
+
+def test_dataloader_input_gives_the_same_result(images):
+    torch.manual_seed(0)
+    m = SmallCNN()
+    y = torch.arange(len(images)) % 5
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, y), batch_size=10)
+    assert_rel_close(
+        diagonal_fisher(m, loader, "empirical"), diagonal_fisher(m, images, "empirical", labels=y)
+    )
+    assert_rel_close(diagonal_fisher(m, loader, max_samples=10), diagonal_fisher(m, images[:10]))
+
+
+def test_bad_inputs_are_named(images):
+    m = SmallCNN()
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        diagonal_fisher(m, images, "fancy")
+    with pytest.raises(CalibrationError, match="needs labels"):
+        diagonal_fisher(m, images, "empirical")
+    with pytest.raises(CalibrationError, match="floating-point"):
+        diagonal_fisher(m, images.long())
+    with pytest.raises(CalibrationError, match="labels must lie in"):
+        diagonal_fisher(m, images, "empirical", labels=torch.full((len(images),), 9))
