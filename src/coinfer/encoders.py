@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from coinfer.code import Code
 from coinfer.errors import CalibrationError, ModelMismatchError
-from coinfer.fisher import DEFAULT_CHUNK, ESTIMATORS, diagonal_fisher, fisher_total
+from coinfer.fisher import ESTIMATORS, diagonal_fisher, fisher_total
 from coinfer.train import predict_probs
 
 __all__ = [
@@ -304,7 +304,7 @@ class CoinOptions:
     eps: float = 1e-12  #: where Σ w_i F_i < eps, fall back to the w-weighted average
     normalize: bool = False  #: rescale each model's Fisher to the same total
     buffers: str = "recompute"  #: recompute | average
-    batch_size: int = DEFAULT_CHUNK  #: vmap chunk size for Fisher
+    batch_size: int | None = None  #: vmap chunk size for Fisher (None: per-estimator default)
     seed: int = 0  #: seed of the sampled estimator
     progress: bool | None = None
 

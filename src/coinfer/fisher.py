@@ -28,9 +28,12 @@ __all__ = ["diagonal_fisher", "ESTIMATORS", "fisher_total"]
 
 ESTIMATORS = ("exact", "sampled", "empirical")
 
-#: Default number of samples per vmap call. Chosen by ``benchmarks/fisher.py``
-#: on a 2-core CPU: larger chunks stop paying off and cost memory.
-DEFAULT_CHUNK = 32
+#: Default samples per vmap call, per estimator, chosen with
+#: ``benchmarks/fisher.py`` on a 2-core CPU (docs/performance.md). ``exact``
+#: holds ``chunk * C`` per-sample gradients at once and peaks near 8-16 samples
+#: (lenet5, resnet20); beyond that it gets slower again. One-gradient
+#: estimators keep improving up to 64 and more.
+DEFAULT_CHUNK = {"exact": 8, "sampled": 64, "empirical": 64}
 
 
 def _iter_batches(
@@ -70,7 +73,7 @@ def diagonal_fisher(
     inputs: torch.Tensor | Iterable,
     estimator: str = "exact",
     labels: torch.Tensor | None = None,
-    batch_size: int = DEFAULT_CHUNK,
+    batch_size: int | None = None,
     seed: int | None = None,
     max_samples: int | None = None,
     vectorize: bool = True,
@@ -87,7 +90,7 @@ def diagonal_fisher(
         estimator: ``"exact"``, ``"sampled"`` or ``"empirical"``.
         labels: ``(N,)`` class indices, needed by ``empirical`` with a tensor input.
         batch_size: samples per vectorised chunk (bounds memory: ``exact`` holds
-            ``batch_size * C`` gradients at once).
+            ``batch_size * C`` gradients at once). Default: :data:`DEFAULT_CHUNK`.
         seed: seed for the ``sampled`` estimator.
         max_samples: stop after this many samples.
         vectorize: ``False`` runs the per-sample Python loop (reference, slow).
@@ -99,6 +102,8 @@ def diagonal_fisher(
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if batch_size is None:
+        batch_size = DEFAULT_CHUNK[estimator]
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
