@@ -288,7 +288,7 @@ def demo(
 
 # Later parts of the system add their commands here: each module has
 # ``register(app: typer.Typer) -> None``.
-_COMMAND_MODULES = []
+_COMMAND_MODULES = ["coinfer.experiment_cli"]
 
 
 def _register_commands() -> None:
