@@ -288,7 +288,7 @@ def demo(
 
 # Later parts of the system add their commands here: each module has
 # ``register(app: typer.Typer) -> None``.
-_COMMAND_MODULES = ["coinfer.experiment_cli"]
+_COMMAND_MODULES = ["coinfer.experiment_cli", "coinfer.serving.commands"]
 
 
 def _register_commands() -> None:

@@ -1,0 +1,235 @@
+"""CLI commands of the serving layer: ``serve``, ``bench latency`` and ``admin``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+
+from coinfer.errors import CoinferError
+
+__all__ = ["register"]
+
+console = Console()
+_URL_OPT = typer.Option(help="Admin URL (loopback).")
+
+
+def _parse_workers(text: str | None) -> list[int] | None:
+    if text is None or text.strip() in ("", "all"):
+        return None
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise CoinferError(f"workers must be comma-separated indices or 'all', got {text!r}") from None
+
+
+def serve(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory to serve.")],
+    host: Annotated[str, typer.Option(help="Interface of the public API (0.0.0.0 for all).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the public API.")] = 8000,
+    admin_port: Annotated[int, typer.Option(help="Port of the admin API (always on 127.0.0.1).")] = 8001,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Join this Ray cluster (e.g. 127.0.0.1:6379) instead of starting a local Ray."),
+    ] = None,
+    num_cpus: Annotated[
+        float | None, typer.Option(help="Logical CPUs of the local Ray (default: enough for the workers).")
+    ] = None,
+    worker_cpus: Annotated[float, typer.Option(help="Ray CPUs per worker replica.")] = 0.25,
+    worker_gpus: Annotated[float, typer.Option(help="GPUs per worker replica (>0 runs on CUDA).")] = 0.0,
+    replicas: Annotated[int, typer.Option(help="Serve replicas per worker.")] = 1,
+    max_batch_size: Annotated[int, typer.Option(help="Dynamic batching: largest batch.")] = 32,
+    batch_wait_ms: Annotated[float, typer.Option(help="Dynamic batching: longest wait for a batch.")] = 2.0,
+    mode: Annotated[str, typer.Option(help="Default mode: coded, uncoded, replicated, hedged.")] = "coded",
+    timeout: Annotated[float, typer.Option(help="Request timeout in seconds.")] = 5.0,
+    hedge_ms: Annotated[float, typer.Option(help="Hedged mode: delay before the backup request.")] = 20.0,
+    baselines: Annotated[
+        bool, typer.Option(help="Deploy the r extra replicas used by the replicated and hedged modes.")
+    ] = True,
+    delay: Annotated[
+        str | None,
+        typer.Option(help="Delay model of every worker: constant:MS, exponential:MS, heavy:MS:P[:ALPHA]."),
+    ] = None,
+    slow_worker: Annotated[
+        str | None, typer.Option(help="One persistently slow worker: WORKER:MS (constant extra delay).")
+    ] = None,
+    fail_prob: Annotated[float, typer.Option(help="Probability that a worker call fails.")] = 0.0,
+    kill: Annotated[str | None, typer.Option(help="Comma-separated workers to kill once started.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the injected delays.")] = 0,
+) -> None:
+    """Serve a bundle over HTTP on Ray: every request goes to all workers, the first decodable set answers."""
+    from coinfer.serving.injection import Injection, parse_delay
+    from coinfer.serving.runtime import Runtime, ServeConfig
+    from coinfer.serving.server import Server
+
+    base = parse_delay(delay, fail_prob) if delay else Injection(fail_prob=fail_prob)
+    config = ServeConfig(
+        bundle=bundle,
+        address=address,
+        num_cpus=num_cpus,
+        worker_cpus=worker_cpus,
+        worker_gpus=worker_gpus,
+        replicas=replicas,
+        max_batch_size=max_batch_size,
+        batch_wait_ms=batch_wait_ms,
+        mode=mode,
+        timeout_s=timeout,
+        hedge_ms=hedge_ms,
+        baselines=baselines,
+        seed=seed,
+    )
+    manifest_n = None
+    console.print(
+        f"starting workers for [bold]{bundle}[/] ({'Ray at ' + address if address else 'local Ray'})"
+    )
+    rt = Runtime.start(config)
+    try:
+        manifest_n = len(rt.slots)
+        if base.active:
+            rt.set_injection(None, base)
+        if slow_worker:
+            try:
+                w, ms = slow_worker.split(":")
+                rt.set_injection([int(w)], Injection(kind="constant", ms=float(ms), fail_prob=fail_prob))
+            except ValueError:
+                raise CoinferError(f"--slow-worker expects WORKER:MS, got {slow_worker!r}") from None
+        for w in _parse_workers(kill) or []:
+            rt.kill(w)
+        server = Server(rt, host, port, admin_port)
+
+        def started(s: Server) -> None:
+            console.print(
+                f"serving k={rt.code.k} r={rt.code.r} ({manifest_n} workers, mode {rt.mode}) on "
+                f"[bold]{s.url}[/]  (docs {s.url}/docs, admin {s.admin_url}); Ctrl-C to stop"
+            )
+
+        server.run(on_started=started)
+    finally:
+        rt.shutdown()
+        console.print("stopped")
+
+
+def latency(
+    url: Annotated[str, typer.Option(help="Server URL (loopback only).")] = "http://127.0.0.1:8000",
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Inputs .npz with x (N, *input_shape) and optional y labels; default random."),
+    ] = None,
+    rate: Annotated[float, typer.Option(help="Poisson arrival rate, requests per second.")] = 20.0,
+    requests: Annotated[int, typer.Option(help="Largest number of requests.")] = 1000,
+    duration: Annotated[float, typer.Option(help="Longest time of arrivals, seconds.")] = 60.0,
+    mode: Annotated[str | None, typer.Option(help="Mode of every request (default: the server's).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of arrivals and input choice.")] = 0,
+    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("runs/bench-latency.json"),
+    plot: Annotated[Path | None, typer.Option(help="Latency CDF PNG (default: next to --out).")] = None,
+) -> None:
+    """Open-loop Poisson load: p50/p90/p99/p99.9, gap, throughput, reconstructed fraction, accuracy."""
+    import httpx
+
+    from coinfer.serving.loadgen import check_loopback, plot_cdf, run_load, summarize
+
+    check_loopback(url)
+    try:
+        info = httpx.get(url.rstrip("/") + "/v1/models", timeout=10).json()
+    except httpx.HTTPError as exc:
+        raise CoinferError(f"no coinfer server answers at {url}: {exc}") from None
+    shape = tuple(info["input_shape"])
+    y = None
+    if data is not None:
+        if not data.exists():
+            raise CoinferError(f"data file {data} does not exist")
+        with np.load(data) as z:
+            if "x" not in z.files:
+                raise CoinferError(f"{data} must hold an array 'x' (and optionally 'y'); it has {z.files}")
+            x = z["x"].astype(np.float32)
+            y = z["y"] if "y" in z.files else None
+        if tuple(x.shape[1:]) != shape:
+            raise CoinferError(f"{data}: x has shape {x.shape}, the server expects (N, {shape})")
+    else:
+        x = np.random.default_rng(seed).standard_normal((256, *shape)).astype(np.float32)
+    console.print(
+        f"{rate:g} req/s Poisson, up to {requests} requests / {duration:g}s, mode {mode or 'server default'}"
+    )
+    res = run_load(
+        url, x, y, rate=rate, requests=requests, duration_s=duration, mode=mode, seed=seed, k=info["k"]
+    )
+    summary = summarize(res)
+    summary["latency_ms"] = [None if np.isnan(v) else round(float(v) * 1000, 4) for v in res.latency_s]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1))
+    plot = plot or out.with_suffix(".png")
+    plot_cdf({mode or info["default_mode"]: res.latency_s * 1000}, plot, title=f"{rate:g} req/s")
+    keys = ["p50_ms", "p90_ms", "p99_ms", "p999_ms", "gap_p999_p50_ms", "throughput_rps"]
+    console.print("  ".join(f"{key}={summary[key]:.2f}" for key in keys if key in summary))
+    console.print(
+        f"answered {summary['answered']}/{summary['sent']}, reconstructed {summary['reconstructed_fraction']:.3f}"
+        + (f", accuracy {summary['accuracy']:.4f}" if "accuracy" in summary else "")
+        + (f", errors {summary['errors']}" if summary["errors"] else "")
+    )
+    console.print(f"wrote {out} and {plot}")
+
+
+def _admin_app() -> typer.Typer:
+    admin = typer.Typer(help="Admin API of a running server (loopback only): injection, kill, mode.")
+
+    def client(url: str):
+        from coinfer.serving.client import AdminClient
+
+        return AdminClient(url)
+
+    @admin.command("state")
+    def state(url: Annotated[str, _URL_OPT] = "http://127.0.0.1:8001") -> None:
+        """Show mode, workers, down workers and injections."""
+        print(json.dumps(client(url).state(), indent=1))
+
+    @admin.command("inject")
+    def inject(
+        delay: Annotated[str, typer.Argument(help="none, constant:MS, exponential:MS, heavy:MS:P[:ALPHA].")],
+        workers: Annotated[str, typer.Option(help="Comma-separated workers or 'all'.")] = "all",
+        fail_prob: Annotated[float, typer.Option(help="Failure probability.")] = 0.0,
+        url: Annotated[str, _URL_OPT] = "http://127.0.0.1:8001",
+    ) -> None:
+        """Set a delay model (and failure probability) on workers."""
+        from coinfer.serving.injection import parse_delay
+
+        inj = parse_delay(delay, fail_prob)
+        print(json.dumps(client(url).inject(_parse_workers(workers), **inj.to_dict()), indent=1))
+
+    @admin.command("kill")
+    def kill(
+        worker: Annotated[int, typer.Argument(help="Worker index.")],
+        url: Annotated[str, _URL_OPT] = "http://127.0.0.1:8001",
+    ) -> None:
+        """Kill a worker's process; it stays out of the pool until restarted."""
+        print(json.dumps(client(url).kill(worker)))
+
+    @admin.command("restart")
+    def restart(
+        worker: Annotated[int, typer.Argument(help="Worker index.")],
+        url: Annotated[str, _URL_OPT] = "http://127.0.0.1:8001",
+    ) -> None:
+        """Bring a killed worker back once Serve has replaced it."""
+        print(json.dumps(client(url).restart(worker)))
+
+    @admin.command("mode")
+    def mode(
+        mode: Annotated[str, typer.Argument(help="coded, uncoded, replicated or hedged.")],
+        url: Annotated[str, _URL_OPT] = "http://127.0.0.1:8001",
+    ) -> None:
+        """Set the server's default mode."""
+        print(json.dumps(client(url).config(mode=mode)["mode"]))
+
+    return admin
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``serve``, ``bench latency`` and ``admin`` to the ``coinfer`` command."""
+    app.command("serve")(serve)
+    bench = typer.Typer(help="Benchmarks of a running server.")
+    bench.command("latency")(latency)
+    app.add_typer(bench, name="bench")
+    app.add_typer(_admin_app(), name="admin")

@@ -1,0 +1,229 @@
+"""Open-loop load generator: Poisson arrivals against a coinfer server on loopback.
+
+Arrivals are scheduled in advance (exponential gaps at ``rate`` per second), so a
+slow answer never delays the next request (no coordinated omission). Each
+request sends one input; the latency is measured at the client, from the
+scheduled send time to the reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+import numpy as np
+
+from coinfer.errors import CoinferError
+
+__all__ = ["LoadResult", "run_load", "summarize", "plot_cdf", "check_loopback"]
+
+
+def check_loopback(url: str) -> None:
+    """The load generator only targets servers on this machine."""
+    host = urlparse(url).hostname or ""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise CoinferError(f"the load generator targets loopback servers only, got host {host!r} in {url}")
+
+
+def _npy_b64(x: np.ndarray) -> str:
+    buf = io.BytesIO()
+    np.save(buf, x, allow_pickle=False)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@dataclass
+class LoadResult:
+    """Per-request records of one run (latency in seconds; ``nan`` for errors)."""
+
+    latency_s: np.ndarray
+    status: np.ndarray
+    reconstructed: np.ndarray  # (N,) any output of the request reconstructed
+    correct: np.ndarray  # (N, k) top-1 == label (False where no label / error)
+    reconstructed_outputs: np.ndarray  # (N, k)
+    has_label: bool
+    duration_s: float
+    errors: dict[str, int]
+    config: dict[str, Any]
+
+
+async def _run(
+    url: str,
+    x: np.ndarray,
+    y: np.ndarray | None,
+    rate: float,
+    requests: int,
+    duration_s: float,
+    mode: str | None,
+    seed: int,
+    timeout_s: float,
+    k: int,
+) -> LoadResult:
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1.0 / rate, size=requests)
+    times = np.cumsum(gaps) - gaps[0]
+    times = times[times <= duration_s]
+    n = len(times)
+    idx = rng.integers(0, len(x), size=n)
+    payloads = []
+    for i in idx:
+        body: dict[str, Any] = {"npy": _npy_b64(x[i : i + 1]), "return_probabilities": False}
+        if mode:
+            body["mode"] = mode
+        payloads.append(json.dumps(body).encode())
+    lat = np.full(n, np.nan)
+    status = np.zeros(n, dtype=np.int32)
+    rec = np.zeros(n, dtype=bool)
+    rec_out = np.zeros((n, k), dtype=bool)
+    correct = np.zeros((n, k), dtype=bool)
+    errors: dict[str, int] = {}
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
+        # warm the connection pool a little, outside the measurement
+        for _ in range(3):
+            await client.get("/healthz")
+        start = time.perf_counter()
+
+        async def one(i: int) -> None:
+            delay = start + times[i] - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            t_sched = start + times[i]
+            try:
+                resp = await client.post(
+                    "/v1/predict", content=payloads[i], headers={"content-type": "application/json"}
+                )
+            except httpx.HTTPError as exc:
+                status[i] = -1
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                return
+            t_done = time.perf_counter()
+            status[i] = resp.status_code
+            if resp.status_code != 200:
+                try:
+                    reason = resp.json().get("error", str(resp.status_code))
+                except ValueError:
+                    reason = str(resp.status_code)
+                key = f"{resp.status_code} {reason}"
+                errors[key] = errors.get(key, 0) + 1
+                return
+            lat[i] = t_done - t_sched
+            outs = resp.json()["outputs"]
+            for j, o in enumerate(outs):
+                rec_out[i, j] = o["reconstructed"]
+                if y is not None:
+                    correct[i, j] = o["top1"][0] == int(y[idx[i]])
+            rec[i] = rec_out[i].any()
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+        duration = time.perf_counter() - start
+    return LoadResult(
+        latency_s=lat,
+        status=status,
+        reconstructed=rec,
+        correct=correct,
+        reconstructed_outputs=rec_out,
+        has_label=y is not None,
+        duration_s=duration,
+        errors=errors,
+        config={
+            "url": url,
+            "rate": rate,
+            "requests": n,
+            "duration_limit_s": duration_s,
+            "mode": mode,
+            "seed": seed,
+        },
+    )
+
+
+def run_load(
+    url: str,
+    x: np.ndarray,
+    y: np.ndarray | None = None,
+    rate: float = 20.0,
+    requests: int = 1000,
+    duration_s: float = 60.0,
+    mode: str | None = None,
+    seed: int = 0,
+    timeout_s: float = 30.0,
+    k: int | None = None,
+) -> LoadResult:
+    """Send up to ``requests`` single-input requests as a Poisson process of ``rate``/s,
+    for at most ``duration_s`` seconds of arrivals; return the per-request records."""
+    check_loopback(url)
+    if not rate > 0:
+        raise CoinferError(f"rate must be > 0 requests/s, got {rate}")
+    if requests < 1:
+        raise CoinferError(f"requests must be >= 1, got {requests}")
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    if k is None:
+        k = int(httpx.get(url.rstrip("/") + "/v1/models", timeout=10).json()["k"])
+    return asyncio.run(_run(url, x, y, rate, requests, duration_s, mode, seed, timeout_s, k))
+
+
+def summarize(res: LoadResult) -> dict[str, Any]:
+    """Percentiles (ms), gap, throughput, reconstructed fraction, served accuracy, errors."""
+    ok = ~np.isnan(res.latency_s)
+    lat_ms = res.latency_s[ok] * 1000.0
+    out: dict[str, Any] = {**res.config, "sent": int(len(res.status)), "answered": int(ok.sum())}
+    out["errors"] = dict(res.errors)
+    out["error_fraction"] = float(1 - ok.mean()) if len(ok) else 0.0
+    if ok.any():
+        p = np.percentile(lat_ms, [50, 90, 99, 99.9])
+        out.update(
+            {
+                "p50_ms": float(p[0]),
+                "p90_ms": float(p[1]),
+                "p99_ms": float(p[2]),
+                "p999_ms": float(p[3]),
+                "gap_p999_p50_ms": float(p[3] - p[0]),
+                "mean_ms": float(lat_ms.mean()),
+                "max_ms": float(lat_ms.max()),
+            }
+        )
+    out["throughput_rps"] = float(ok.sum() / res.duration_s) if res.duration_s > 0 else 0.0
+    out["reconstructed_fraction"] = float(res.reconstructed[ok].mean()) if ok.any() else 0.0
+    if res.has_label and ok.any():
+        corr = res.correct[ok]
+        rec = res.reconstructed_outputs[ok]
+        out["accuracy"] = float(corr.mean())
+        out["accuracy_per_model"] = [float(c) for c in corr.mean(axis=0)]
+        out["accuracy_received"] = float(corr[~rec].mean()) if (~rec).any() else None
+        out["accuracy_reconstructed"] = float(corr[rec].mean()) if rec.any() else None
+    return out
+
+
+def plot_cdf(curves: dict[str, np.ndarray], path: str | Path, title: str = "") -> Path:
+    """Latency CDFs (ms, log x) with a tail-focused y axis; one curve per label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, lat in curves.items():
+        lat = np.sort(np.asarray(lat)[~np.isnan(lat)])
+        if not len(lat):
+            continue
+        q = np.arange(1, len(lat) + 1) / len(lat)
+        axes[0].plot(lat, q, label=label)
+        axes[1].plot(lat, 1 - q + 1.0 / len(lat), label=label)
+    axes[0].set(xscale="log", xlabel="latency (ms)", ylabel="CDF", title=title or "latency CDF")
+    axes[1].set(xscale="log", yscale="log", xlabel="latency (ms)", ylabel="1 - CDF (tail)")
+    for a in axes:
+        a.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
