@@ -1,0 +1,246 @@
+"""Experiment harness: configs, every method's coded model, caching, CLI end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from coinfer.code import Code
+from coinfer.errors import CoinferError
+from coinfer.experiment import (
+    DEFAULT_METHODS,
+    METHOD_PRESETS,
+    ExperimentConfig,
+    TrainConfig,
+    _variants,
+    config_from_dict,
+    load_config,
+    run_seed,
+)
+
+SHARED = Path(__file__).parents[2] / "shared" / "data"
+REPO = Path(__file__).parents[1]
+
+
+def _tiny(tmp_path, **kw) -> ExperimentConfig:
+    base = dict(
+        name="tiny",
+        dataset="digits",
+        base=TrainConfig(epochs=3, lr=3e-3),
+        finetune=TrainConfig(epochs=3, lr=3e-3),
+        calibration_sizes=[64, 128],
+        distill_epochs=[1],
+        coin_distill_epochs=[1],
+        out_dir=str(tmp_path / "runs"),
+        cache_dir=str(tmp_path / "cache"),
+        threads=1,
+    )
+    base.update(kw)
+    return ExperimentConfig(**base)
+
+
+def test_toml_config_loads_and_refuses_unknown_keys(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text(
+        'dataset = "digits"\nk = 3\nseeds = [1, 2]\n[base]\nepochs = 2\n[finetune]\noptimizer = "sgd"\n'
+    )
+    cfg = load_config(p, scenario="iid")
+    assert cfg.k == 3 and cfg.seeds == [1, 2] and cfg.scenario == "iid"
+    assert cfg.base.epochs == 2 and cfg.finetune.optimizer == "sgd"
+    p.write_text("datset = 'digits'\n")
+    with pytest.raises(CoinferError, match="datset"):
+        load_config(p)
+    p.write_text("[base]\nepoch = 2\n")
+    with pytest.raises(CoinferError, match="epoch"):
+        load_config(p)
+    p.write_text("k = [\n")
+    with pytest.raises(CoinferError, match="not valid TOML"):
+        load_config(p)
+    with pytest.raises(CoinferError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"scenario": "weird"}, "scenario"),
+        ({"k": 1}, "k must be"),
+        ({"r": 3}, "r must be"),
+        ({"methods": ["coin-magic"]}, "coin-magic"),
+        ({"calibration_sizes": [0]}, "calibration_sizes"),
+    ],
+)
+def test_bad_config_values_are_refused(bad, match):
+    with pytest.raises(CoinferError, match=match):
+        config_from_dict(bad)
+
+
+def test_shipped_configs_are_valid():
+    files = sorted((REPO / "experiments").glob("*.toml"))
+    assert files
+    for f in files:
+        cfg = load_config(f)
+        assert set(cfg.methods) <= set(METHOD_PRESETS)
+
+
+def _small_models(spec, x, y, k=2, r=1):
+    from coinfer.architectures import build_model
+    from coinfer.train import fit
+
+    torch.manual_seed(0)
+    base = build_model(spec)
+    fit(base, x, y, epochs=1, progress=False)
+    models = []
+    for i in range(k):
+        m = build_model(spec)
+        m.load_state_dict(base.state_dict())
+        mask = (y % k) == i
+        fit(m, x[mask], y[mask], epochs=1, seed=i, progress=False)
+        models.append(m)
+    return base, models, Code(k, r)
+
+
+def _check_every_method_builds_same_architecture(spec, x, y, r=1):
+    base, models, code = _small_models(spec, x, y, r=r)
+    cfg = ExperimentConfig(
+        methods=list(METHOD_PRESETS), calibration_sizes=[32], distill_epochs=[1], coin_distill_epochs=[1]
+    )
+    variants = _variants(cfg, models, base, code, x[:32], y[:32], x[:64], 0, False)
+    assert {v.family for v in variants} == set(METHOD_PRESETS)
+    ref = models[0].state_dict()
+    for v in variants:
+        if v.kind == "control":
+            assert v.build is None
+            continue
+        coded, info = v.build()
+        assert len(coded) == code.r, v.label
+        for c in coded:
+            assert type(c) is type(models[0])
+            sd = c.state_dict()
+            assert sd.keys() == ref.keys()
+            assert all(sd[n].shape == ref[n].shape for n in ref)
+            assert all(torch.isfinite(t).all() for t in sd.values() if t.is_floating_point())
+        assert "seconds" in info and "forward_passes" in info
+
+
+def test_every_method_builds_a_coded_model_of_the_right_architecture_mlp():
+    from coinfer.data import load_digits
+
+    ds = load_digits()
+    spec = {"name": "mlp", "kwargs": {"in_features": 64, "hidden": [16], "num_classes": 10}}
+    _check_every_method_builds_same_architecture(spec, ds.x_train[:200], ds.y_train[:200], r=2)
+
+
+def test_every_method_builds_a_coded_resnet_with_batchnorm():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 8, 8, generator=g)
+    y = torch.randint(0, 4, (64,), generator=g)
+    spec = {"name": "resnet20", "kwargs": {"num_classes": 4, "width": 4}}
+    _check_every_method_builds_same_architecture(spec, x, y)
+
+
+@pytest.mark.skipif(not (SHARED / "mnist.npz").exists(), reason="shared data not present")
+def test_run_on_a_real_mnist_slice_with_lenet5(tmp_path):
+    cfg = _tiny(
+        tmp_path,
+        dataset="mnist",
+        data_dir=str(SHARED),
+        train_limit=1500,
+        test_limit=500,
+        val_size=300,
+        methods=["coin-exact", "average", "base", "substitute"],
+        base=TrainConfig(epochs=1),
+        finetune=TrainConfig(epochs=1),
+    )
+    res = run_seed(cfg, 0, progress=False)
+    assert res["arch"]["name"] == "lenet5" and res["splits"]["test"] == 500
+    assert {m["family"] for m in res["methods"]} == {"coin-exact", "average", "base", "substitute"}
+
+
+def test_run_seed_writes_results_chooses_on_validation_and_caches(tmp_path):
+    cfg = _tiny(tmp_path, methods=DEFAULT_METHODS)
+    res = run_seed(cfg, 0, progress=False)
+    run_dir = Path(res["run_dir"])
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["seed"] == 0 and len(saved["models"]) == 2
+    lines = (run_dir / "results.csv").read_text().strip().splitlines()
+    assert len(lines) == 1 + len(saved["methods"])
+    fams = {m["family"] for m in saved["methods"]}
+    assert fams == set(DEFAULT_METHODS)
+    for fam in fams:
+        cands = [m for m in saved["methods"] if m["family"] == fam]
+        chosen = [m for m in cands if m["chosen"]]
+        assert len(chosen) == 1
+        assert chosen[0]["val"]["reconstruction_acc"] == max(m["val"]["reconstruction_acc"] for m in cands)
+    # coin has one variant per calibration size, and reports the Fisher totals
+    coin = [m for m in saved["methods"] if m["family"] == "coin-exact"]
+    assert {m["params"]["calibration"] for m in coin} == {64, 128}
+    assert all(len(m["fisher_totals"]) == 2 for m in coin)
+    # zero-cost controls cost nothing; the ideal mixture is not reached by the base control
+    base = next(m for m in saved["methods"] if m["family"] == "base")
+    assert base["seconds"] == 0.0 and base["coded_tv"][0] > 0
+    assert not any(m["cached"] for m in saved["models"])
+    again = run_seed(cfg, 0, progress=False)
+    assert all(m["cached"] for m in again["models"]) and again["base_model"]["cached"]
+    assert [m["task_test_acc"] for m in again["models"]] == [m["task_test_acc"] for m in saved["models"]]
+    # a different fine-tune budget is a different cache entry
+    other = run_seed(_tiny(tmp_path, finetune=TrainConfig(epochs=1, lr=3e-3), methods=["base"]), 0, False)
+    assert other["base_model"]["cached"] and not any(m["cached"] for m in other["models"])
+
+
+def test_cli_experiment_then_report(tmp_path):
+    from typer.testing import CliRunner
+
+    from coinfer.cli import app
+
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(
+        'name = "e2e"\ndataset = "digits"\nscenario = "dirichlet"\nseeds = [0, 1]\n'
+        'methods = ["coin-exact", "average", "distill-calib", "base", "substitute", "default"]\n'
+        "calibration_sizes = [64]\ndistill_epochs = [1]\nthreads = 1\n"
+        "[base]\nepochs = 2\nlr = 0.003\n[finetune]\nepochs = 2\nlr = 0.003\n"
+    )
+    runner = CliRunner()
+    out = tmp_path / "runs"
+    res = runner.invoke(
+        app,
+        ["experiment", str(cfg), "--out", str(out), "--cache-dir", str(tmp_path / "c"), "--no-progress"],
+    )
+    assert res.exit_code == 0, res.output
+    assert "recon acc" in res.output and "coin-exact" in res.output
+    assert (out / "e2e" / "seed0" / "results.json").exists() and (
+        out / "e2e" / "seed1" / "results.csv"
+    ).exists()
+    rep = tmp_path / "report"
+    res = runner.invoke(app, ["report", str(out / "e2e"), "--out", str(rep)])
+    assert res.exit_code == 0, res.output
+    md = (rep / "report.md").read_text()
+    assert "| coin-exact |" in md and "seeds [0, 1]" in md and "±" in md
+    pngs = list(rep.glob("*.png"))
+    assert (rep / "accuracy.png") in pngs and any(p.name.startswith("frontier_") for p in pngs)
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert (rep / "summary.csv").read_text().count("\n") == 1 + 6
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "coinfer.cli", "report", str(tmp_path / "nowhere")],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        r.returncode == 1
+        and r.stderr.strip() == f"error: run directory {tmp_path / 'nowhere'} does not exist"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "coinfer.cli", "experiment", "--dataset", "mnist"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 1 and "--data-dir" in r.stderr
