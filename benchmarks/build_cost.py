@@ -124,7 +124,7 @@ def markdown(rows: list[dict], machine: dict) -> str:
 
 def write_docs(section: str) -> Path:
     path = ROOT / "docs" / "performance.md"
-    path.parent.mkdir(exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     start, end = "<!-- build-cost:start -->", "<!-- build-cost:end -->"
     block = f"{start}\n{section}{end}\n"
     text = path.read_text() if path.exists() else "# Performance\n\n"
