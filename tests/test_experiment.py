@@ -219,6 +219,11 @@ def test_cli_experiment_then_report(tmp_path):
     assert res.exit_code == 0, res.output
     md = (rep / "report.md").read_text()
     assert "| coin-exact |" in md and "seeds [0, 1]" in md and "±" in md
+    assert "Accuracy/cost frontier" in md
+    from coinfer.reports import aggregate, frontier, load_results
+
+    front = frontier(aggregate(load_results([out / "e2e"]))[0])
+    assert all(a[1] <= b[1] and a[2] < b[2] for a, b in zip(front, front[1:], strict=False))
     pngs = list(rep.glob("*.png"))
     assert (rep / "accuracy.png") in pngs and any(p.name.startswith("frontier_") for p in pngs)
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)

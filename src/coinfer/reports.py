@@ -17,7 +17,15 @@ from pathlib import Path
 
 from coinfer.errors import CoinferError
 
-__all__ = ["load_results", "aggregate", "markdown_table", "plot_accuracy", "plot_frontier", "write_report"]
+__all__ = [
+    "load_results",
+    "aggregate",
+    "frontier",
+    "markdown_table",
+    "plot_accuracy",
+    "plot_frontier",
+    "write_report",
+]
 
 _SHOWN = (
     ("reconstruction_acc", "recon acc (all test)"),
@@ -135,7 +143,11 @@ def markdown_table(group: dict) -> str:
         cells.append(f"{r['forward_passes'][0]:.3g} / {r['backward_passes'][0]:.3g}")
         cells.append(_fmt(r["fisher_ratio"], 2) if "fisher_ratio" in r else "–")
         lines.append("| " + " | ".join(cells) + " |")
-    return head + "\n".join(lines) + "\n"
+    front = " → ".join(f"{lab} ({s:.2f} s, {a:.3f})" for lab, s, a in frontier(group))
+    tail = (
+        f"\nAccuracy/cost frontier over all variants (mean build s, mean test reconstruction acc): {front}\n"
+    )
+    return head + "\n".join(lines) + "\n" + tail
 
 
 def _slug(group: dict) -> str:
@@ -176,6 +188,32 @@ def plot_accuracy(groups: Sequence[dict], path: str | Path) -> Path:
     return path
 
 
+def _variant_means(group: dict) -> tuple[dict[str, tuple[float, float]], dict[str, str]]:
+    pts: dict[str, list[tuple[float, float]]] = {}
+    fam_of: dict[str, str] = {}
+    for res in group["runs"]:
+        for m in res["methods"]:
+            pts.setdefault(m["label"], []).append((m["seconds"], m["test"]["reconstruction_acc"]))
+            fam_of[m["label"]] = m["family"]
+    means = {lab: (sum(p[0] for p in v) / len(v), sum(p[1] for p in v) / len(v)) for lab, v in pts.items()}
+    return means, fam_of
+
+
+def frontier(group: dict) -> list[tuple[str, float, float]]:
+    """The accuracy/cost frontier over every variant of a group: ``(label, mean
+    build seconds, mean test reconstruction accuracy)``, cheapest first, each
+    more accurate than every cheaper one. (Variants are not chosen on test here:
+    this is a description of cost against accuracy, not a model selection.)"""
+    means, _ = _variant_means(group)
+    order = sorted(means.items(), key=lambda kv: (kv[1][0], -kv[1][1]))
+    out, best = [], -1.0
+    for lab, (s, a) in order:
+        if a > best:
+            out.append((lab, s, a))
+            best = a
+    return out
+
+
 def plot_frontier(group: dict, path: str | Path) -> Path:
     """Reconstruction accuracy against build seconds for every variant of one group
     (mean over seeds); zero-cost methods are drawn at the left edge."""
@@ -184,13 +222,7 @@ def plot_frontier(group: dict, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts: dict[str, list[tuple[float, float]]] = {}
-    fam_of: dict[str, str] = {}
-    for res in group["runs"]:
-        for m in res["methods"]:
-            pts.setdefault(m["label"], []).append((m["seconds"], m["test"]["reconstruction_acc"]))
-            fam_of[m["label"]] = m["family"]
-    means = {lab: (sum(p[0] for p in v) / len(v), sum(p[1] for p in v) / len(v)) for lab, v in pts.items()}
+    means, fam_of = _variant_means(group)
     positive = [s for s, _ in means.values() if s > 0]
     floor = min(positive) / 3 if positive else 1e-2
     fig, ax = plt.subplots(figsize=(8, 5.5))
@@ -206,12 +238,7 @@ def plot_frontier(group: dict, path: str | Path) -> Path:
             if extra:
                 ax.annotate(extra, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     # the frontier: variants not beaten by a cheaper-or-equal, more accurate one
-    order = sorted(means.items(), key=lambda kv: (kv[1][0], -kv[1][1]))
-    front, best = [], -1.0
-    for _, (s, a) in order:
-        if a > best:
-            front.append((max(s, floor), a))
-            best = a
+    front = [(max(s, floor), a) for _, s, a in frontier(group)]
     ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="k", lw=1, alpha=0.6)
     ax.set_xscale("log")
     ax.set_xlabel(f"build seconds (log; zero-cost methods drawn at {floor:.2g} s)")
