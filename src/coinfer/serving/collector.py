@@ -91,6 +91,9 @@ class Collection:
 
 
 def _describe(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)  # Ray wraps the worker's exception
+    if isinstance(cause, BaseException):
+        exc = cause
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
     return f"{type(exc).__name__}: {first}"[:300] if first else type(exc).__name__

@@ -1,0 +1,230 @@
+"""End to end on a real local Ray instance: HTTP round trip, killed workers,
+malformed requests, modes, injection, metrics. One server for the module."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from coinfer import Bundle, Code, build_model, encode
+
+pytestmark = pytest.mark.ray
+
+ARCH = {"name": "mlp", "kwargs": {"in_features": 64, "hidden": [16], "num_classes": 10}}
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    models = [build_model(ARCH) for _ in range(2)]
+    code = Code(2, 1)
+    calib = torch.randn(64, 64)
+    coded = encode(models, code, calib, method="average")
+    names = [f"c{i}" for i in range(10)]
+    path = tmp_path_factory.mktemp("bundle")
+    Bundle(ARCH, code, models, list(coded), (64,), names, coded.info).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(bundle_dir):
+    ray = pytest.importorskip("ray")
+    from coinfer.serving.runtime import ServeConfig
+    from coinfer.serving.server import serve_bundle
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    srv = None
+    try:
+        cfg = ServeConfig(bundle_dir, timeout_s=3.0, max_batch=64, max_body_bytes=200_000)
+        srv = serve_bundle(cfg)
+        yield srv
+    finally:
+        if srv is not None:
+            srv.stop()
+            srv.runtime.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from coinfer import Client
+
+    with Client(server.url) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def admin(server):
+    from coinfer.serving.client import AdminClient
+
+    a = AdminClient(server.admin_url)
+    yield a
+    a.close()
+
+
+@pytest.fixture
+def restore(server, admin):
+    """Bring every killed worker back and clear injections after a test."""
+    yield
+    admin.clear()
+    for w in list(server.runtime.down):
+        admin.restart(w)
+
+
+def _expected(bundle_dir, x):
+    b = Bundle.load(bundle_dir)
+    return b.predict(torch.from_numpy(x), range(b.code.k))
+
+
+def test_round_trip_through_http_matches_the_models(client, bundle_dir):
+    x = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
+    reply = client.predict(x)
+    want = _expected(bundle_dir, x)
+    assert reply["batch"] == 5 and len(reply["outputs"]) == 2
+    for j, out in enumerate(reply["outputs"]):
+        p = np.array(out["probabilities"])
+        assert p.shape == (5, 10)
+        # received outputs are exact; a reconstructed one is decoded from the average parity
+        if not out["reconstructed"]:
+            np.testing.assert_allclose(p, want[j].numpy(), atol=1e-5)
+        assert out["labels"] == [f"c{t}" for t in out["top1"]]
+    assert client.predict(x[0].tolist(), binary=False)["batch"] == 1
+
+
+def test_models_health_and_openapi(client, server):
+    info = client.models()
+    assert (info["k"], info["r"], info["n"]) == (2, 1, 3)
+    assert info["input_shape"] == [64] and info["class_names"][0] == "c0"
+    assert [w["kind"] for w in info["workers"]] == ["data", "data", "coded", "replica"]
+    assert client.health()["status"] == "ok"
+    spec = httpx.get(server.url + "/openapi.json").json()
+    assert "/v1/predict" in spec["paths"] and "requestBody" in spec["paths"]["/v1/predict"]["post"]
+
+
+@pytest.mark.parametrize("mode", ["coded", "uncoded", "replicated", "hedged"])
+def test_every_mode_answers_with_the_models_outputs(client, bundle_dir, mode):
+    x = np.random.default_rng(2).standard_normal((2, 64)).astype(np.float32)
+    reply = client.predict(x, mode=mode)
+    assert reply["mode"] == mode
+    want = _expected(bundle_dir, x)
+    for j, out in enumerate(reply["outputs"]):
+        if not out["reconstructed"]:
+            np.testing.assert_allclose(np.array(out["probabilities"]), want[j].numpy(), atol=1e-5)
+    if mode != "coded":
+        assert not any(o["reconstructed"] for o in reply["outputs"])
+        assert "2" not in reply["workers"]["used"]  # the coded worker is not asked
+
+
+@pytest.mark.parametrize(
+    "content,status,words",
+    [
+        (b"{bad json", 400, "not valid JSON"),
+        (b'{"npy": "%%%"}', 400, "not valid base64"),
+        (b'{"inputs": [[1, 2, 3]]}', 422, "expected (B, 64)"),
+        (b'{"inputs": [["a", "b"]]}', 422, "dtype"),
+        (("{" + '"inputs": [[' + ",".join(["NaN"] * 64) + "]]}").encode(), 422, "NaN"),
+        (
+            b'{"inputs": [' + b",".join([b"[" + b",".join([b"0"] * 64) + b"]"] * 65) + b"]}",
+            413,
+            "limit of 64",
+        ),
+        (b'{"inputs": [' + b"1.0," * 60000 + b"1.0]}", 413, "larger than the limit"),
+        (b'{"inputs": [' + b",".join([b"0"] * 64) + b'], "mode": "fastest"}', 422, "mode must be one of"),
+    ],
+)
+def test_malformed_requests_get_a_4xx_naming_the_problem_and_the_server_keeps_answering(
+    server, client, content, status, words
+):
+    resp = httpx.post(
+        server.url + "/v1/predict", content=content, headers={"content-type": "application/json"}
+    )
+    assert resp.status_code == status, resp.text
+    assert words in resp.json()["detail"]
+    assert client.predict(np.zeros((1, 64), dtype=np.float32))["batch"] == 1
+
+
+def test_a_killed_worker_leaves_every_request_of_a_burst_answered_and_reconstructed(
+    server, client, admin, restore
+):
+    from coinfer.serving.loadgen import run_load, summarize
+
+    killed = admin.kill(0)
+    assert killed["killed_replicas"] == 1
+    assert client.health()["down"] == [0]
+    x = np.random.default_rng(3).standard_normal((16, 64)).astype(np.float32)
+    res = run_load(server.url, x, rate=100, requests=60, duration_s=5, mode="coded", k=2)
+    s = summarize(res)
+    assert s["answered"] == s["sent"] == len(res.status)
+    assert res.reconstructed_outputs[:, 0].all() and not res.reconstructed_outputs[:, 1].any()
+    assert "coinfer_worker_failures_total" in client.metrics()
+    # the replicated mode also survives it; uncoded cannot and says which worker is missing
+    assert client.predict(x[:1], mode="replicated")["batch"] == 1
+    resp = httpx.post(server.url + "/v1/predict", json={"inputs": x[:1].tolist(), "mode": "uncoded"})
+    assert resp.status_code == 503 and "workers [0]" in resp.json()["detail"]
+
+
+def test_more_than_r_killed_workers_give_a_prompt_clear_error(server, client, admin, restore):
+    from coinfer.serving.client import ServerError
+
+    admin.kill(0)
+    admin.kill(2)
+    t0 = time.perf_counter()
+    with pytest.raises(ServerError) as ei:
+        client.predict(np.zeros((1, 64), dtype=np.float32))
+    assert time.perf_counter() - t0 < 2.0  # well under the 3 s request timeout
+    assert ei.value.status == 503 and ei.value.reason == "no_decodable_set"
+    assert "workers [0, 2]" in ei.value.detail and "killed" in ei.value.detail
+    assert client.health()["status"] == "degraded"
+
+
+def test_restart_brings_a_killed_worker_back(server, client, admin):
+    admin.kill(1)
+    info = admin.restart(1)
+    assert info["worker"] == 1 and 1 not in server.runtime.down
+    reply = client.predict(np.zeros((1, 64), dtype=np.float32), mode="uncoded")
+    assert not any(o["reconstructed"] for o in reply["outputs"])
+
+
+def test_a_slow_worker_is_decoded_around_and_timeouts_name_the_silent_workers(server, client, admin, restore):
+    admin.inject([0], kind="constant", ms=400)
+    x = np.zeros((1, 64), dtype=np.float32)
+    t0 = time.perf_counter()
+    reply = client.predict(x, mode="coded")
+    assert time.perf_counter() - t0 < 0.35
+    assert reply["outputs"][0]["reconstructed"] and reply["workers"]["late"] == [0]
+    admin.config(timeout_s=0.15)
+    try:
+        resp = httpx.post(server.url + "/v1/predict", json={"inputs": x.tolist(), "mode": "uncoded"})
+        assert resp.status_code == 504 and "workers [0] did not answer" in resp.json()["detail"]
+    finally:
+        admin.config(timeout_s=3.0)
+    assert 'coinfer_timeouts_total{mode="uncoded"} 1' in client.metrics()
+
+
+def test_injected_failures_are_survived_in_coded_mode(client, admin, restore):
+    admin.inject([1], fail_prob=1.0)
+    for _ in range(5):
+        reply = client.predict(np.zeros((2, 64), dtype=np.float32))
+        assert reply["outputs"][1]["reconstructed"]
+        if "1" in reply["workers"]["failed"]:
+            assert reply["workers"]["failed"]["1"].startswith("InjectedFailure: injected failure in worker 1")
+    deadline = time.time() + 5
+    while 'coinfer_worker_failures_total{worker="1"}' not in client.metrics():
+        assert time.time() < deadline, "worker 1's failures are not in /metrics"
+        time.sleep(0.1)
+
+
+def test_admin_api_refuses_non_loopback_clients(server):
+    from fastapi.testclient import TestClient
+
+    from coinfer.serving.app import build_admin_app
+
+    tc = TestClient(build_admin_app(server.runtime), client=("10.1.2.3", 5000))
+    assert tc.get("/admin/state").status_code == 403
+    assert httpx.get(server.admin_url + "/admin/state").status_code == 200
