@@ -1,0 +1,17 @@
+#!/bin/bash
+# Aggregate the reference runs (runs/experiments/*) into the reports quoted by
+# docs/results.md, and keep a copy of every run's results.json/csv under
+# experiments/results/ so the tables can be re-derived without retraining:
+#   bash experiments/make_reports.sh
+set -e
+cd "$(dirname "$0")/.."
+R=runs/experiments
+rep() { out=$1; shift; dirs=(); for d in "$@"; do [ -d "$R/$d" ] && dirs+=("$R/$d"); done
+  [ ${#dirs[@]} -gt 0 ] && coinfer report "${dirs[@]}" --out "docs/results/$out" > /dev/null && echo "docs/results/$out"; }
+rep mnist_k2r1 mnist_class-split_k2r1 mnist_dirichlet_k2r1 mnist_iid_k2r1
+rep mnist_class-split_k mnist_class-split_k2r1 mnist_class-split_k3r1 mnist_class-split_k4r1 mnist_class-split_k3r2
+rep fashion_k2r1 fashion_class-split_k2r1 fashion_dirichlet_k2r1 fashion_iid_k2r1
+rep cifar10_reduced cifar10_class-split_k2r1_reduced
+for f in $R/*/seed*/results.*; do
+  d=experiments/results/$(basename $(dirname $(dirname $f)))/$(basename $(dirname $f)); mkdir -p $d; cp $f $d/
+done
