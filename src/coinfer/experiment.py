@@ -585,7 +585,10 @@ def run_seed(cfg: ExperimentConfig, seed: int, progress: bool | None = None) -> 
                     "forward_passes": int(info.get("forward_passes", 0)),
                     "backward_passes": int(info.get("backward_passes", 0)),
                     "coded_tv": target_mixture_tv(code, out_test),
-                    "coded_test_acc": [accuracy(c, ds.x_test, ds.y_test) for c in coded],
+                    "coded_test_acc": [
+                        float((out_test[cfg.k + j].argmax(-1) == ds.y_test).float().mean())
+                        for j in range(code.r)
+                    ],
                 }
             )
             if "fisher_totals" in info:
