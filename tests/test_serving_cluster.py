@@ -117,3 +117,7 @@ def test_serve_joins_a_cluster_started_with_ray_start_head(bundle_dir, tmp_path)
             _stop(serve, signal.SIGINT)
             assert serve.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
         _stop(head)
+        # `ray start` records the cluster for later `ray.init()` calls; forget ours once it is gone
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.exists() and current.read_text().strip().endswith(f":{gcs_port}"):
+            current.unlink()

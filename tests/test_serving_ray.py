@@ -38,7 +38,7 @@ def server(bundle_dir):
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     srv = None
     try:
         cfg = ServeConfig(bundle_dir, timeout_s=3.0, max_batch=64, max_body_bytes=200_000)

@@ -147,6 +147,7 @@ class Runtime:
                 need = config.worker_cpus * config.replicas * len(rt.slots) + 1
                 num_cpus = config.num_cpus or max(os.cpu_count() or 1, math.ceil(need))
                 ray.init(
+                    address="local",  # a new local instance, never a cluster found on this machine
                     num_cpus=num_cpus,
                     num_gpus=None if config.worker_gpus else 0,
                     include_dashboard=False,

@@ -1,0 +1,192 @@
+"""Tail latency of every serving mode under every injection scenario, on one runtime.
+
+Starts ``coinfer serve BUNDLE`` as a separate process (local Ray), then for each
+scenario sets the injection through the admin API and drives an open-loop
+Poisson load in each mode from this process. Writes one JSON with every run's
+summary and latencies, a markdown table and one CDF plot per scenario.
+
+    python benchmarks/serving_latency.py runs/mnist-k2r1 --data runs/mnist-k2r1.test.npz \\
+        --rate 30 --requests 750 --out runs/serving-k2r1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from coinfer.serving.client import AdminClient
+from coinfer.serving.loadgen import plot_cdf, run_load, summarize
+
+MODES = ["coded", "uncoded", "replicated", "hedged"]
+
+
+def scenarios(straggler: str, slow_ms: float) -> dict[str, dict]:
+    kind, ms, p = straggler.split(":")
+    return {
+        "none": {},
+        "stragglers": {"inject": {"workers": None, "kind": kind, "ms": float(ms), "p": float(p)}},
+        "slow-worker": {"inject": {"workers": [0], "kind": "constant", "ms": slow_ms}},
+        "killed-worker": {"kill": 0},
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(bundle: Path, extra: list[str], log: Path) -> tuple[subprocess.Popen, str, str]:
+    port, admin_port = _free_port(), _free_port()
+    cmd = [
+        str(Path(sys.executable).parent / "coinfer"),
+        "serve",
+        str(bundle),
+        f"--port={port}",
+        f"--admin-port={admin_port}",
+        *extra,
+    ]
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise RuntimeError("server did not start within 180 s")
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return proc, url, f"http://127.0.0.1:{admin_port}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--data", type=Path, required=True, help=".npz with x and y")
+    ap.add_argument("--rate", type=float, default=30.0)
+    ap.add_argument("--requests", type=int, default=750)
+    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--straggler", default="heavy:40:0.05", help="kind:ms:p for every worker")
+    ap.add_argument("--slow-ms", type=float, default=50.0, help="extra delay of the one slow worker")
+    ap.add_argument("--hedge-ms", type=float, default=20.0)
+    ap.add_argument("--scenarios", default=",".join(scenarios("heavy:1:1", 1)))
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--out", type=Path, required=True, help="output directory")
+    ap.add_argument("--serve-args", default="", help="extra arguments of coinfer serve")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    with np.load(args.data) as z:
+        x, y = z["x"].astype(np.float32), z["y"]
+    serve_args = [f"--hedge-ms={args.hedge_ms}", *args.serve_args.split()]
+    proc, url, admin_url = start_server(args.bundle, serve_args, args.out / "server.log")
+    admin = AdminClient(admin_url)
+    info = httpx.get(url + "/v1/models").json()
+    results: dict = {
+        "bundle": str(args.bundle),
+        "k": info["k"],
+        "r": info["r"],
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "loadavg_start": os.getloadavg(),
+        },
+        "settings": vars(args) | {"out": str(args.out), "bundle": str(args.bundle), "data": str(args.data)},
+        "runs": {},
+    }
+    results["settings"] = {k: str(v) for k, v in results["settings"].items()}
+    try:
+        # warm-up outside the measurement
+        run_load(url, x, y, rate=args.rate, requests=60, duration_s=5, mode="coded", k=info["k"])
+        scen = scenarios(args.straggler, args.slow_ms)
+        for name in args.scenarios.split(","):
+            sc = scen[name]
+            curves = {}
+            for mode in args.modes.split(","):
+                admin.clear()
+                if "inject" in sc:
+                    admin.inject(**sc["inject"])
+                if "kill" in sc:
+                    admin.kill(sc["kill"])
+                t0 = time.time()
+                res = run_load(
+                    url,
+                    x,
+                    y,
+                    rate=args.rate,
+                    requests=args.requests,
+                    duration_s=args.duration,
+                    mode=mode,
+                    seed=hash((name, mode)) % 2**31,
+                    k=info["k"],
+                )
+                s = summarize(res)
+                s["loadavg_end"] = os.getloadavg()
+                s["latency_ms"] = [None if np.isnan(v) else round(float(v) * 1000, 4) for v in res.latency_s]
+                results["runs"][f"{name}/{mode}"] = s
+                curves[mode] = res.latency_s * 1000
+                print(
+                    f"{name:14s} {mode:10s} p50 {s.get('p50_ms', float('nan')):7.2f}  "
+                    f"p99 {s.get('p99_ms', float('nan')):7.2f}  p99.9 {s.get('p999_ms', float('nan')):8.2f}  "
+                    f"answered {s['answered']}/{s['sent']}  rec {s['reconstructed_fraction']:.3f}  "
+                    f"acc {s.get('accuracy', float('nan')):.4f}  ({time.time() - t0:.0f}s)",
+                    flush=True,
+                )
+                if "kill" in sc:
+                    admin.restart(sc["kill"])
+            plot_cdf(
+                curves,
+                args.out / f"cdf-{name}.png",
+                title=f"k={info['k']} r={info['r']}, {name}, {args.rate:g} req/s",
+            )
+    finally:
+        admin.close()
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    (args.out / "results.json").write_text(json.dumps(results))
+    (args.out / "table.md").write_text(table(results))
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    """Markdown table of every run (latency in ms)."""
+    lines = [
+        "| scenario | mode | p50 | p90 | p99 | p99.9 | p99.9 − p50 | throughput (req/s) | answered | reconstructed | accuracy |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key, s in results["runs"].items():
+        name, mode = key.split("/")
+
+        def f(v, fmt="{:.1f}"):
+            return fmt.format(v) if v is not None else "–"
+
+        lines.append(
+            f"| {name} | {mode} | {f(s.get('p50_ms'))} | {f(s.get('p90_ms'))} | {f(s.get('p99_ms'))} | "
+            f"{f(s.get('p999_ms'))} | {f(s.get('gap_p999_p50_ms'))} | {s['throughput_rps']:.1f} | "
+            f"{s['answered']}/{s['sent']} | {s['reconstructed_fraction']:.3f} | {f(s.get('accuracy'), '{:.4f}')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
