@@ -60,6 +60,8 @@ def serve(
     fail_prob: Annotated[float, typer.Option(help="Probability that a worker call fails.")] = 0.0,
     kill: Annotated[str | None, typer.Option(help="Comma-separated workers to kill once started.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the injected delays.")] = 0,
+    max_request_batch: Annotated[int, typer.Option(help="Largest batch accepted in one request.")] = 1024,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest accepted request body.")] = 8 * 1024 * 1024,
 ) -> None:
     """Serve a bundle over HTTP on Ray: every request goes to all workers, the first decodable set answers."""
     from coinfer.serving.injection import Injection, parse_delay
@@ -81,6 +83,8 @@ def serve(
         hedge_ms=hedge_ms,
         baselines=baselines,
         seed=seed,
+        max_batch=max_request_batch,
+        max_body_bytes=max_body_bytes,
     )
     manifest_n = None
     console.print(

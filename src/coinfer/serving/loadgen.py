@@ -48,6 +48,7 @@ class LoadResult:
     reconstructed: np.ndarray  # (N,) any output of the request reconstructed
     correct: np.ndarray  # (N, k) top-1 == label (False where no label / error)
     reconstructed_outputs: np.ndarray  # (N, k)
+    labels: np.ndarray  # (N,) label of each request's input (-1 without labels)
     has_label: bool
     duration_s: float
     errors: dict[str, int]
@@ -130,6 +131,7 @@ async def _run(
         reconstructed=rec,
         correct=correct,
         reconstructed_outputs=rec_out,
+        labels=np.asarray(y)[idx].astype(np.int64) if y is not None else np.full(n, -1),
         has_label=y is not None,
         duration_s=duration,
         errors=errors,

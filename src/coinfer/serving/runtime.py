@@ -117,7 +117,8 @@ class Runtime:
         self.injections: dict[int, Injection] = dict(config.injections)
         self.down: dict[int, str] = {}
         self.slots: dict[int, WorkerSlot] = {}
-        self._started_ray = False
+        self._started_ray = False  # this runtime called ray.init
+        self._local_ray = False  # ... and started a local instance (not a cluster)
         k, r, n = self.code.k, self.code.r, self.code.n
         for i in range(n):
             self.slots[i] = WorkerSlot(i, i, "data" if i < k else "coded", f"{config.app_prefix}-w{i}")
@@ -154,6 +155,7 @@ class Runtime:
                     logging_level=logging.WARNING,
                 )
             rt._started_ray = True
+            rt._local_ray = not config.address
         serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
         rt._deploy(list(rt.slots))
         return rt
@@ -193,12 +195,22 @@ class Runtime:
             self.slots[w].handle.info.remote().result(timeout_s=120)
 
     def shutdown(self) -> None:
-        """Delete the worker applications; stop Ray if this runtime started it."""
+        """Delete the worker applications; stop Ray if this runtime started it.
+
+        On a joined cluster only this runtime's Serve applications are deleted,
+        so other Serve applications there keep running."""
         import ray
         from ray import serve
 
         try:
-            serve.shutdown()
+            if self._local_ray:
+                serve.shutdown()
+            else:
+                for slot in self.slots.values():
+                    try:
+                        serve.delete(slot.app)
+                    except Exception as exc:  # keep deleting the others
+                        log.warning("could not delete Serve application %s: %s", slot.app, exc)
         finally:
             if self._started_ray and ray.is_initialized():
                 ray.shutdown()

@@ -1,0 +1,153 @@
+"""Frontend overhead of ``coded`` against a direct call of one model, and decode time.
+
+On one local Ray instance, one request at a time (closed loop, batch 1):
+
+* ``direct``: ``await handle.predict.remote(x)`` on data worker 0's deployment;
+* ``coded``: ``await runtime.predict(x, "coded")`` — the fan-out to all n
+  workers, the first-decodable-set collector and the decode;
+* ``collector only``: :func:`collect` with workers that answer at once (the
+  pure-Python cost of the collection logic);
+* ``decode``: ``Code.decode`` of a (1, C = 10) batch with one data output missing,
+  with the projection onto the simplex.
+
+The overhead is median(coded) − median(direct). Writes JSON and prints a table.
+
+    python benchmarks/serving_overhead.py runs/mnist-k2r1 --out runs/serving-overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from coinfer import Code
+from coinfer.serving.collector import Plan, collect
+
+
+def _q(v: list[float]) -> dict[str, float]:
+    a = np.array(v) * 1e3
+    return {
+        "median_ms": float(np.median(a)),
+        "p90_ms": float(np.percentile(a, 90)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "n": len(a),
+    }
+
+
+def decode_times(k: int, r: int, iters: int) -> dict[str, float]:
+    code = Code(k, r)
+    data = torch.softmax(torch.randn(k, 1, 10), -1)
+    outs = code.encode_outputs(data)
+    avail = {i: outs[i] for i in range(1, code.n)}  # data output 0 missing
+    for _ in range(200):
+        code.decode(avail, project=True)
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        code.decode(avail, project=True)
+        ts.append(time.perf_counter() - t0)
+    return {
+        "k": k,
+        "r": r,
+        "median_us": statistics.median(ts) * 1e6,
+        "p90_us": float(np.percentile(ts, 90) * 1e6),
+    }
+
+
+async def collector_times(k: int, r: int, iters: int) -> dict[str, float]:
+    code = Code(k, r)
+    outs = code.encode_outputs(torch.softmax(torch.randn(k, 1, 10), -1)).numpy()
+
+    async def call(w: int) -> np.ndarray:
+        return outs[w]
+
+    row_of = {i: i for i in range(code.n)}
+    plan = Plan(tuple(range(code.n)))
+    ts = []
+    for i in range(iters + 100):
+        t0 = time.perf_counter()
+        await collect(code, row_of, call, plan, 5.0)
+        if i >= 100:
+            ts.append(time.perf_counter() - t0)
+    return {
+        "k": k,
+        "r": r,
+        "median_us": statistics.median(ts) * 1e6,
+        "p90_us": float(np.percentile(ts, 90) * 1e6),
+    }
+
+
+async def served(rt, x: np.ndarray, iters: int) -> dict[str, dict]:
+    h = rt.slots[0].handle
+    for _ in range(30):  # warm-up
+        await h.predict.remote(x, None)
+        await rt.predict(x, "coded")
+    res: dict[str, list[float]] = {"direct": [], "coded": []}
+    for _ in range(iters):  # interleaved, so drifting machine load hits both alike
+        t0 = time.perf_counter()
+        await h.predict.remote(x, None)
+        res["direct"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        await rt.predict(x, "coded")
+        res["coded"].append(time.perf_counter() - t0)
+    return {k: _q(v) for k, v in res.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--iters", type=int, default=500)
+    ap.add_argument("--out", type=Path, default=Path("runs/serving-overhead.json"))
+    args = ap.parse_args()
+    from coinfer.serving.runtime import Runtime, ServeConfig
+
+    out: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "loadavg_start": os.getloadavg(),
+        },
+        "command": f"python benchmarks/serving_overhead.py {args.bundle} --iters {args.iters}",
+        "decode": [decode_times(k, r, 5000) for k, r in [(2, 1), (4, 2)]],
+        "collector": [asyncio.run(collector_times(k, r, 2000)) for k, r in [(2, 1), (4, 2)]],
+    }
+    rt = Runtime.start(ServeConfig(args.bundle, baselines=False))
+    try:
+        x = np.zeros((1, *rt.input_shape), dtype=np.float32)
+        out["served"] = asyncio.run(served(rt, x, args.iters))
+        out["k"], out["r"] = rt.code.k, rt.code.r
+    finally:
+        rt.shutdown()
+    s = out["served"]
+    out["overhead_median_ms"] = s["coded"]["median_ms"] - s["direct"]["median_ms"]
+    out["machine"]["loadavg_end"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    print(f"bundle {args.bundle} (k={out['k']}, r={out['r']}), {args.iters} sequential requests of batch 1")
+    print("| path | median (ms) | p90 (ms) | p99 (ms) |")
+    print("| --- | ---: | ---: | ---: |")
+    for name in ("direct", "coded"):
+        q = s[name]
+        print(f"| {name} | {q['median_ms']:.2f} | {q['p90_ms']:.2f} | {q['p99_ms']:.2f} |")
+    print(f"\nfrontend overhead of coded (median coded − median direct): {out['overhead_median_ms']:.2f} ms")
+    for d in out["collector"]:
+        print(
+            f"collector alone, k={d['k']} r={d['r']}: median {d['median_us']:.0f} µs (p90 {d['p90_us']:.0f})"
+        )
+    for d in out["decode"]:
+        print(
+            f"decode one missing output, k={d['k']} r={d['r']}, C=10: median {d['median_us']:.1f} µs (p90 {d['p90_us']:.1f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
