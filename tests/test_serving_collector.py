@@ -65,6 +65,12 @@ def _first_decodable(code: Code, arrivals: list[int]) -> list[int]:
     return arrivals[: code.k]
 
 
+def _atol(code: Code, used: list[int]) -> float:
+    """float32 outputs: decoding error grows with the condition number of the rows used."""
+    erased = [i for i in range(code.n) if i not in used]
+    return max(1e-5, 1e-6 * code.condition_number(erased))
+
+
 @pytest.mark.parametrize("k,r", [(2, 1), (3, 2), (4, 2)])
 def test_every_arrival_order_and_missing_set_gives_the_data_outputs(k, r):
     code = Code(k, r)
@@ -74,8 +80,8 @@ def test_every_arrival_order_and_missing_set_gives_the_data_outputs(k, r):
             orders = list(itertools.permutations(rest))
             for order in orders[:: max(1, len(orders) // 12)]:
                 res, outs = asyncio.run(_run(code, list(order), missing=missing))
-                assert torch.allclose(res.outputs, outs[:k], atol=1e-5)
                 used = _first_decodable(code, [w for w in order if w not in missing])
+                assert torch.allclose(res.outputs, outs[:k], atol=_atol(code, used))
                 assert sorted(res.used) == sorted(used)
                 assert res.reconstructed == [j not in used for j in range(k)]
 
@@ -101,7 +107,7 @@ def test_hypothesis_arrival_orders(data, kr):
         res, outs = asyncio.run(_run(code, order, missing=missing, seed=seed))
     arrivals = [w for w in order if w not in missing]
     used = arrivals[:k]
-    assert torch.allclose(res.outputs, outs[:k], atol=1e-5)
+    assert torch.allclose(res.outputs, outs[:k], atol=_atol(code, used))
     assert res.reconstructed == [j not in used for j in range(k)]
     assert set(res.used) == set(used)
 

@@ -310,21 +310,19 @@ def _demo_serve(bundle: str, seed: int) -> None:
         seed=seed,
         log=lambda m: console.print(f"  {m}"),
     )
-    t = Table(
-        "scenario", "mode", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "answered", "reconstructed", "task acc"
-    )
+    t = Table("scenario", "mode", "p50", "p99", "p99.9 ms", "answered", "rec.", "task acc")
     for key, s in out["runs"].items():
         scen, mode = key.split("/")
         t.add_row(
             scen,
             mode,
-            *(f"{s[q]:.1f}" if q in s else "-" for q in ("p50_ms", "p90_ms", "p99_ms", "p999_ms")),
+            *(f"{s[q]:.0f}" if q in s else "-" for q in ("p50_ms", "p99_ms", "p999_ms")),
             f"{s['answered']}/{s['sent']}",
             f"{s['reconstructed_fraction']:.2f}",
-            " / ".join(f"{a:.3f}" for a in s["task_accuracy"]),
+            "/".join(f"{a:.3f}" for a in s["task_accuracy"]),
         )
     console.print(t)
-    c, u = out["runs"]["stragglers/coded"], out["runs"]["stragglers/uncoded"]
+    c, u = out["runs"]["straggle/coded"], out["runs"]["straggle/uncoded"]
     if "p999_ms" in c and "p999_ms" in u:
         console.print(
             f"p99.9 - p50 under stragglers: coded {c['gap_p999_p50_ms']:.1f} ms, uncoded {u['gap_p999_p50_ms']:.1f} ms "

@@ -61,16 +61,16 @@ def serve_demo(
             )
             s = summarize(res)
             s["task_accuracy"] = _task_accuracy(res, splits)
-            runs[f"stragglers/{mode}"] = s
+            runs[f"straggle/{mode}"] = s
         admin.clear()
         admin.kill(0)
         log("killed worker 0's process; a burst of requests in coded mode:")
         res = run_load(
-            srv.url, x_test, y_test, rate=50.0, requests=50, duration_s=10, mode="coded", seed=seed + 1
+            srv.url, x_test, y_test, rate=rate, requests=50, duration_s=10, mode="coded", seed=seed + 1
         )
         s = summarize(res)
         s["task_accuracy"] = _task_accuracy(res, splits)
-        runs["killed-worker/coded"] = s
+        runs["killed/coded"] = s
         admin.close()
     finally:
         srv.stop()
