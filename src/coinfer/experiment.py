@@ -593,6 +593,8 @@ def run_seed(cfg: ExperimentConfig, seed: int, progress: bool | None = None) -> 
             )
             if "fisher_totals" in info:
                 rec["fisher_totals"] = info["fisher_totals"]
+            if "fallback_entries" in info:
+                rec["fallback_entries"] = info["fallback_entries"]
         rec["val"] = summarize(rows_val)
         rec["test"] = summarize(rows)
         rec["rows"] = rows
