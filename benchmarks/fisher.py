@@ -1,9 +1,11 @@
-"""Throughput of the diagonal Fisher estimators: vectorised (torch.func) vs the per-sample loop.
+"""Throughput of the diagonal Fisher estimators: the batched backends against the per-sample loop.
 
     python benchmarks/fisher.py --out benchmarks/results/fisher.json
 
-Prints a table of samples/second for each architecture, estimator and path,
-plus a sweep of the vmap chunk size for ``exact``, and writes JSON.
+Prints a table of samples/second for each architecture, estimator and backend
+(``layers``: layer-wise contractions; ``vmap``: torch.func per-sample
+gradients; ``loop``: per-sample autograd), plus a sweep of the chunk size of
+both batched backends, and writes JSON.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from coinfer import build_model, diagonal_fisher
 SHAPES = {"lenet5": (1, 28, 28), "resnet20": (3, 32, 32)}
 
 
-def rate(model, x, estimator, vectorize, batch_size, labels=None, repeats=2) -> float:
+def rate(model, x, estimator, backend, batch_size, labels=None, repeats=2) -> float:
     w = min(4, len(x))
     diagonal_fisher(
         model,
@@ -30,15 +32,13 @@ def rate(model, x, estimator, vectorize, batch_size, labels=None, repeats=2) -> 
         estimator,
         labels=None if labels is None else labels[:w],
         batch_size=batch_size,
-        vectorize=vectorize,
+        backend=backend,
         seed=0,
     )
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        diagonal_fisher(
-            model, x, estimator, labels=labels, batch_size=batch_size, vectorize=vectorize, seed=0
-        )
+        diagonal_fisher(model, x, estimator, labels=labels, batch_size=batch_size, backend=backend, seed=0)
         best = min(best, time.perf_counter() - t)
     return len(x) / best
 
@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--archs", default="lenet5,resnet20")
     ap.add_argument("--samples", type=int, default=256, help="samples per vectorised measurement")
     ap.add_argument("--loop-samples", type=int, default=32, help="samples per loop measurement")
-    ap.add_argument("--chunks", default="1,4,8,16,32,64", help="vmap chunk sizes swept")
+    ap.add_argument("--chunks", default="4,8,16,32,64,128", help="vmap chunk sizes swept")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fisher.json"))
     args = ap.parse_args()
@@ -61,34 +61,42 @@ def main() -> None:
         y = torch.randint(0, 10, (args.samples,))
         for est in ("exact", "sampled", "empirical"):
             lab = y if est == "empirical" else None
-            vec = rate(model, x, est, True, None, lab)
-            loop = rate(
-                model,
-                x[: args.loop_samples],
-                est,
-                False,
-                None,
-                None if lab is None else lab[: args.loop_samples],
-                repeats=1,
-            )
+            lay = rate(model, x, est, "layers", None, lab)
+            vec = rate(model, x, est, "vmap", None, lab)
+            n = args.loop_samples
+            loop = rate(model, x[:n], est, "loop", None, None if lab is None else lab[:n], repeats=1)
             rows.append(
                 {
                     "arch": arch,
                     "estimator": est,
+                    "layers_samples_per_s": lay,
                     "vmap_samples_per_s": vec,
                     "loop_samples_per_s": loop,
-                    "speedup": vec / loop,
+                    "layers_speedup": lay / loop,
+                    "vmap_speedup": vec / loop,
                 }
             )
             print(
-                f"{arch:9s} {est:9s} vmap {vec:9.1f}/s  loop {loop:8.1f}/s  speedup {vec / loop:5.1f}x",
+                f"{arch:9s} {est:9s} layers {lay:8.1f}/s  vmap {vec:8.1f}/s  loop {loop:7.1f}/s  "
+                f"speedup {lay / loop:5.1f}x / {vec / loop:5.1f}x",
                 flush=True,
             )
-        for c in map(int, args.chunks.split(",")):
-            r = rate(model, x, "exact", True, c)
-            rs = rate(model, x, "sampled", True, c)
-            sweep.append({"arch": arch, "chunk": c, "exact_samples_per_s": r, "sampled_samples_per_s": rs})
-            print(f"{arch:9s} chunk {c:4d}: exact {r:9.1f}/s sampled {rs:9.1f}/s", flush=True)
+        for backend in ("layers", "vmap"):
+            for c in map(int, args.chunks.split(",")):
+                r = rate(model, x, "exact", backend, c)
+                rs = rate(model, x, "sampled", backend, c)
+                sweep.append(
+                    {
+                        "arch": arch,
+                        "backend": backend,
+                        "chunk": c,
+                        "exact_samples_per_s": r,
+                        "sampled_samples_per_s": rs,
+                    }
+                )
+                print(
+                    f"{arch:9s} {backend:6s} chunk {c:4d}: exact {r:9.1f}/s sampled {rs:9.1f}/s", flush=True
+                )
     machine = {
         "cpu_count": os.cpu_count(),
         "threads": args.threads,
@@ -96,15 +104,21 @@ def main() -> None:
         "torch": torch.__version__,
         "processor": platform.processor(),
     }
-    print("\n| arch | estimator | vmap samples/s | loop samples/s | speedup |\n|---|---|---|---|---|")
+    print(
+        "\n| arch | estimator | layers samples/s | vmap samples/s | loop samples/s "
+        "| layers / loop | vmap / loop |\n|---|---|---:|---:|---:|---:|---:|"
+    )
     for r in rows:
         print(
-            f"| {r['arch']} | {r['estimator']} | {r['vmap_samples_per_s']:.1f} | {r['loop_samples_per_s']:.1f} | {r['speedup']:.1f}x |"
+            f"| {r['arch']} | {r['estimator']} | {r['layers_samples_per_s']:.1f} | "
+            f"{r['vmap_samples_per_s']:.1f} | {r['loop_samples_per_s']:.1f} | "
+            f"{r['layers_speedup']:.1f}x | {r['vmap_speedup']:.1f}x |"
         )
-    print("\n| arch | chunk | exact samples/s | sampled samples/s |\n|---|---|---|---|")
+    print("\n| arch | backend | chunk | exact samples/s | sampled samples/s |\n|---|---|---:|---:|---:|")
     for s in sweep:
         print(
-            f"| {s['arch']} | {s['chunk']} | {s['exact_samples_per_s']:.1f} | {s['sampled_samples_per_s']:.1f} |"
+            f"| {s['arch']} | {s['backend']} | {s['chunk']} | {s['exact_samples_per_s']:.1f} | "
+            f"{s['sampled_samples_per_s']:.1f} |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine, "estimators": rows, "chunk_sweep": sweep}, indent=2))

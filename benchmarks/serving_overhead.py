@@ -13,6 +13,7 @@ On one local Ray instance, one request at a time (closed loop, batch 1):
 The overhead is median(coded) − median(direct). Writes JSON and prints a table.
 
     python benchmarks/serving_overhead.py runs/mnist-k2r1 --out runs/serving-overhead.json
+    python benchmarks/serving_overhead.py --no-serve --out runs/decode.json   # decode + collector only
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import coinfer.code as code_mod
 from coinfer import Code
 from coinfer.serving.collector import Plan, collect
 
@@ -43,21 +45,30 @@ def _q(v: list[float]) -> dict[str, float]:
     }
 
 
-def decode_times(k: int, r: int, iters: int) -> dict[str, float]:
+def decode_times(k: int, r: int, iters: int, small: int | None = None) -> dict[str, float]:
+    """Time ``Code.decode``; ``small`` overrides ``coinfer.code.SMALL_DECODE``
+    (``-1`` forces the torch path that larger batches take)."""
     code = Code(k, r)
     data = torch.softmax(torch.randn(k, 1, 10), -1)
     outs = code.encode_outputs(data)
     avail = {i: outs[i] for i in range(1, code.n)}  # data output 0 missing
-    for _ in range(200):
-        code.decode(avail, project=True)
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        code.decode(avail, project=True)
-        ts.append(time.perf_counter() - t0)
+    saved = code_mod.SMALL_DECODE
+    if small is not None:
+        code_mod.SMALL_DECODE = small
+    try:
+        for _ in range(200):
+            code.decode(avail, project=True)
+        ts = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            code.decode(avail, project=True)
+            ts.append(time.perf_counter() - t0)
+    finally:
+        code_mod.SMALL_DECODE = saved
     return {
         "k": k,
         "r": r,
+        "path": "torch" if small == -1 else "default",
         "median_us": statistics.median(ts) * 1e6,
         "p90_us": float(np.percentile(ts, 90) * 1e6),
     }
@@ -104,11 +115,15 @@ async def served(rt, x: np.ndarray, iters: int) -> dict[str, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("bundle", type=Path)
+    ap.add_argument("bundle", type=Path, nargs="?", help="bundle to serve (not needed with --no-serve)")
     ap.add_argument("--iters", type=int, default=500)
     ap.add_argument("--out", type=Path, default=Path("runs/serving-overhead.json"))
+    ap.add_argument(
+        "--no-serve", action="store_true", help="only the decode and collector timings (no Ray, no bundle)"
+    )
     args = ap.parse_args()
-    from coinfer.serving.runtime import Runtime, ServeConfig
+    if args.bundle is None and not args.no_serve:
+        ap.error("give a bundle, or --no-serve for the decode and collector timings only")
 
     out: dict = {
         "machine": {
@@ -116,10 +131,17 @@ def main() -> None:
             "platform": platform.platform(),
             "loadavg_start": os.getloadavg(),
         },
-        "command": f"python benchmarks/serving_overhead.py {args.bundle} --iters {args.iters}",
-        "decode": [decode_times(k, r, 5000) for k, r in [(2, 1), (4, 2)]],
+        "command": "python benchmarks/serving_overhead.py "
+        + (f"{args.bundle} --iters {args.iters}" if not args.no_serve else "--no-serve"),
+        "decode": [decode_times(k, r, 5000, small) for k, r in [(2, 1), (4, 2)] for small in (None, -1)],
         "collector": [asyncio.run(collector_times(k, r, 2000)) for k, r in [(2, 1), (4, 2)]],
     }
+    if args.no_serve:
+        _print_parts(out)
+        _write(args.out, out)
+        return
+    from coinfer.serving.runtime import Runtime, ServeConfig
+
     rt = Runtime.start(ServeConfig(args.bundle, baselines=False))
     try:
         x = np.zeros((1, *rt.input_shape), dtype=np.float32)
@@ -129,9 +151,7 @@ def main() -> None:
         rt.shutdown()
     s = out["served"]
     out["overhead_median_ms"] = s["coded"]["median_ms"] - s["direct"]["median_ms"]
-    out["machine"]["loadavg_end"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
+    _write(args.out, out)
     print(f"bundle {args.bundle} (k={out['k']}, r={out['r']}), {args.iters} sequential requests of batch 1")
     print("| path | median (ms) | p90 (ms) | p99 (ms) |")
     print("| --- | ---: | ---: | ---: |")
@@ -139,13 +159,24 @@ def main() -> None:
         q = s[name]
         print(f"| {name} | {q['median_ms']:.2f} | {q['p90_ms']:.2f} | {q['p99_ms']:.2f} |")
     print(f"\nfrontend overhead of coded (median coded − median direct): {out['overhead_median_ms']:.2f} ms")
+    _print_parts(out)
+
+
+def _write(path: Path, out: dict) -> None:
+    out["machine"]["loadavg_end"] = os.getloadavg()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+
+
+def _print_parts(out: dict) -> None:
     for d in out["collector"]:
         print(
             f"collector alone, k={d['k']} r={d['r']}: median {d['median_us']:.0f} µs (p90 {d['p90_us']:.0f})"
         )
     for d in out["decode"]:
         print(
-            f"decode one missing output, k={d['k']} r={d['r']}, C=10: median {d['median_us']:.1f} µs (p90 {d['p90_us']:.1f})"
+            f"decode one missing output, k={d['k']} r={d['r']}, C=10, {d['path']} path: "
+            f"median {d['median_us']:.1f} µs (p90 {d['p90_us']:.1f})"
         )
 
 

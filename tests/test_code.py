@@ -137,3 +137,27 @@ def test_project_simplex_gives_the_nearest_probability_vector(values):
 def test_code_round_trips_through_its_dict():
     code = Code(3, 2)
     assert Code.from_dict(code.to_dict()) == code
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("project", [False, True])
+@pytest.mark.parametrize("k, r", [(2, 1), (4, 2), (5, 3)])
+def test_small_batch_numpy_path_agrees_with_the_torch_path(monkeypatch, dtype, project, k, r):
+    import coinfer.code as code_mod
+
+    code = Code(k, r)
+    g = torch.Generator().manual_seed(k * 10 + r)
+    data = torch.softmax(torch.randn(k, 3, 10, generator=g, dtype=torch.float64), -1)
+    outs = code.encode_outputs(data).to(dtype)
+    outs[k:] += 0.01 * torch.randn(outs[k:].shape, generator=g, dtype=torch.float64).to(dtype)  # noisy parity
+    for erased in code.erasure_patterns():
+        avail = {i: outs[i] for i in range(code.n) if i not in erased}
+        small = code.decode(avail, project=project)
+        monkeypatch.setattr(code_mod, "SMALL_DECODE", -1)
+        big = code.decode(avail, project=project)
+        monkeypatch.undo()
+        assert small.dtype == big.dtype == dtype and small.shape == (k, 3, 10)
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(small, big, rtol=tol, atol=tol)
+        if project:
+            assert (small >= 0).all() and torch.allclose(small.sum(-1), torch.ones((), dtype=dtype))

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from coinfer import CalibrationError, diagonal_fisher
 from coinfer.fisher import fisher_total
@@ -48,16 +49,101 @@ def model(request):
     return m.double()
 
 
-def test_exact_matches_the_per_sample_loop(model, images):
+@pytest.mark.parametrize("backend", ["layers", "vmap"])
+def test_exact_matches_the_per_sample_loop(model, images, backend):
     x = images.double()
-    assert_rel_close(diagonal_fisher(model, x, "exact", batch_size=7), reference_fisher(model, x, "exact"))
+    got = diagonal_fisher(model, x, "exact", batch_size=7, backend=backend)
+    assert_rel_close(got, reference_fisher(model, x, "exact"))
 
 
-def test_empirical_matches_the_per_sample_loop(model, images):
+@pytest.mark.parametrize("backend", ["layers", "vmap"])
+def test_empirical_matches_the_per_sample_loop(model, images, backend):
     x = images.double()
     y = torch.arange(len(x)) % 4
-    got = diagonal_fisher(model, x, "empirical", labels=y, batch_size=5)
+    got = diagonal_fisher(model, x, "empirical", labels=y, batch_size=5, backend=backend)
     assert_rel_close(got, reference_fisher(model, x, "empirical", y))
+
+
+class Awkward(nn.Module):
+    """Layers the layer-wise backend must get right: a strided, dilated conv with
+    many input channels (the per-offset path), in-place ReLU on a conv output,
+    BatchNorm1d, and a Linear on a (B, T, I) input."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 9, 3, padding=1)
+        self.c2 = nn.Conv2d(9, 5, 3, stride=2, padding=2, dilation=2)
+        self.relu = nn.ReLU(inplace=True)
+        self.tok = nn.Linear(3, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.relu(self.c2(self.relu(self.c1(x))))  # (B, 5, 3, 3)
+        h = self.tok(h.flatten(2)[:, :, :3])  # (B, 5, 4): Linear over the last dim
+        return self.head(self.bn(h.mean(1)))
+
+
+class Tied(nn.Module):
+    """The head reuses the first layer's weight through a functional call."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(36, 36)
+        self.b = nn.Linear(36, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x.flatten(1)))
+        return self.b(torch.nn.functional.linear(h, self.a.weight))
+
+
+class Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(36, 36)
+        self.b = nn.Linear(36, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(torch.tanh(self.a(x.flatten(1))))))
+
+
+class Scaled(nn.Module):
+    """A bare parameter outside any supported layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(36, 3)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) * self.scale
+
+
+def test_layers_backend_handles_strides_dilation_inplace_and_3d_linear(images):
+    torch.manual_seed(5)
+    m = Awkward()
+    m.train()
+    with torch.no_grad():
+        m(torch.randn(16, 1, 6, 6))
+    m = m.eval().double()
+    x = images.double()
+    want = reference_fisher(m, x, "exact")
+    assert_rel_close(diagonal_fisher(m, x, "exact", backend="layers", batch_size=9), want)
+    y = torch.arange(len(x)) % 3
+    got = diagonal_fisher(m, x, "empirical", labels=y, backend="layers")
+    assert_rel_close(got, reference_fisher(m, x, "empirical", y))
+
+
+@pytest.mark.parametrize(
+    "cls, why", [(Tied, "disagrees with autograd"), (Twice, "more or less than once"), (Scaled, "scale")]
+)
+def test_models_outside_the_layers_backend_fall_back_to_vmap(images, cls, why):
+    torch.manual_seed(6)
+    m = cls().double()
+    x = images.double()
+    assert_rel_close(diagonal_fisher(m, x, "exact"), reference_fisher(m, x, "exact"))
+    with pytest.raises(ValueError, match=why):
+        diagonal_fisher(m, x, "exact", backend="layers")
 
 
 def test_sampled_matches_the_loop_with_the_same_labels_and_is_seeded(model, images):
@@ -110,6 +196,8 @@ def test_bad_inputs_are_named(images):
     m = SmallCNN()
     with pytest.raises(ValueError, match="estimator must be one of"):
         diagonal_fisher(m, images, "fancy")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        diagonal_fisher(m, images, backend="gpu")
     with pytest.raises(CalibrationError, match="needs labels"):
         diagonal_fisher(m, images, "empirical")
     with pytest.raises(CalibrationError, match="floating-point"):

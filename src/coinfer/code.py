@@ -22,6 +22,11 @@ __all__ = ["Code", "project_simplex"]
 _ROW_SUM_TOL = 1e-6
 _SINGULAR_COND = 1e12
 _MAX_SUBSETS_CHECKED = 200_000
+#: ``decode`` computes in NumPy when the batch holds at most this many entries
+#: (batch x C): a serving request is (1..few, C) and a dozen small torch ops
+#: cost more in dispatch than in arithmetic (see docs/performance.md).
+SMALL_DECODE = 4096
+_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _cauchy_weights(k: int, r: int) -> np.ndarray:
@@ -66,6 +71,7 @@ class Code:
         self._generator = np.vstack([np.eye(self.k), w])
         self._generator.setflags(write=False)
         self._inverse_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._np_inverse_cache: dict[tuple[tuple[int, ...], tuple[int, ...], type], np.ndarray] = {}
 
     # ------------------------------------------------------------------ validation
     def _validate_weights(self, weights) -> np.ndarray:
@@ -234,6 +240,10 @@ class Code:
         missing_data = [j for j in range(self.k) if j not in available]
         if not missing_data:
             return torch.stack([available[j] for j in range(self.k)])
+        if first.numel() <= SMALL_DECODE:
+            fast = self._decode_small(available, rows, missing_data, project)
+            if fast is not None:
+                return fast
         dtype = first.dtype if first.is_floating_point() else torch.float32
         y = torch.stack([available[i].to(dtype) for i in rows])  # (k, B, C)
         dmat = self.decoding_matrix(rows)[missing_data].to(dtype=dtype, device=y.device)
@@ -245,6 +255,33 @@ class Code:
         for j in range(self.k):
             out.append(next(it) if j in missing_data else available[j].to(dtype))
         return torch.stack(out)
+
+    def _decode_small(self, available, rows, missing_data, project) -> torch.Tensor | None:
+        """NumPy path of :meth:`decode` for small CPU batches (same result);
+        ``None`` when the inputs do not qualify (GPU, autograd, mixed dtypes)."""
+        tensors = [available[i] for i in rows]
+        dtype = tensors[0].dtype
+        npdt = _NP_DTYPES.get(dtype)
+        if npdt is None or any(
+            t.dtype != dtype or t.device.type != "cpu" or t.requires_grad for t in tensors
+        ):
+            return None
+        key = (tuple(rows), tuple(missing_data), npdt)
+        dmat = self._np_inverse_cache.get(key)
+        if dmat is None:
+            dmat = self.decoding_matrix(rows).numpy()[missing_data].astype(npdt)
+            self._np_inverse_cache[key] = dmat
+        b, c = tensors[0].shape
+        y = np.stack([t.numpy() for t in tensors]).reshape(self.k, b * c)
+        rec = (dmat @ y).reshape(len(missing_data), b, c)
+        if project:
+            rec = _project_simplex_np(rec)
+        out = np.empty((self.k, b, c), dtype=npdt)
+        out[missing_data] = rec
+        for j in range(self.k):
+            if j in available:
+                out[j] = available[j].numpy()
+        return torch.from_numpy(out)
 
     def to_dict(self) -> dict:
         """JSON-serialisable description (used in bundle manifests)."""
@@ -269,3 +306,14 @@ def project_simplex(v: torch.Tensor) -> torch.Tensor:
     rho = cond.sum(-1, keepdim=True) - 1
     theta = css.gather(-1, rho) / (rho + 1).to(v.dtype)
     return torch.clamp(v - theta, min=0.0)
+
+
+def _project_simplex_np(v: np.ndarray) -> np.ndarray:
+    """NumPy twin of :func:`project_simplex` (used by the small-batch decode)."""
+    c = v.shape[-1]
+    u = -np.sort(-v, axis=-1)
+    css = np.cumsum(u, axis=-1) - 1.0
+    ind = np.arange(1, c + 1, dtype=v.dtype)
+    rho = np.count_nonzero(u - css / ind > 0, axis=-1)[..., None] - 1
+    theta = np.take_along_axis(css, rho, axis=-1) / (rho + 1).astype(v.dtype)
+    return np.maximum(v - theta, 0.0).astype(v.dtype, copy=False)

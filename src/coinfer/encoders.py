@@ -304,7 +304,8 @@ class CoinOptions:
     eps: float = 1e-12  #: where Σ w_i F_i < eps, fall back to the w-weighted average
     normalize: bool = False  #: rescale each model's Fisher to the same total
     buffers: str = "recompute"  #: recompute | average
-    batch_size: int | None = None  #: vmap chunk size for Fisher (None: per-estimator default)
+    batch_size: int | None = None  #: Fisher chunk size (None: the backend's default)
+    backend: str = "auto"  #: Fisher backend: auto | layers | vmap | loop (see diagonal_fisher)
     seed: int = 0  #: seed of the sampled estimator
     progress: bool | None = None
 
@@ -330,6 +331,7 @@ def _coin(models, code: Code, x, y, opts: CoinOptions):
                 batch_size=opts.batch_size,
                 seed=opts.seed + i,
                 progress=False,
+                backend=opts.backend,
             )
         )
     totals = [fisher_total(f) for f in fishers]
