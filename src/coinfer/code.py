@@ -311,9 +311,12 @@ def project_simplex(v: torch.Tensor) -> torch.Tensor:
 def _project_simplex_np(v: np.ndarray) -> np.ndarray:
     """NumPy twin of :func:`project_simplex` (used by the small-batch decode)."""
     c = v.shape[-1]
-    u = -np.sort(-v, axis=-1)
-    css = np.cumsum(u, axis=-1) - 1.0
-    ind = np.arange(1, c + 1, dtype=v.dtype)
-    rho = np.count_nonzero(u - css / ind > 0, axis=-1)[..., None] - 1
-    theta = np.take_along_axis(css, rho, axis=-1) / (rho + 1).astype(v.dtype)
-    return np.maximum(v - theta, 0.0).astype(v.dtype, copy=False)
+    v2 = v.reshape(-1, c)
+    u = np.sort(v2, axis=-1)[:, ::-1]
+    css = u.cumsum(axis=-1)
+    css -= 1.0
+    rho = (u * np.arange(1, c + 1, dtype=v.dtype) > css).sum(-1) - 1  # u_j > (css_j - 1) / j
+    theta = (css[np.arange(len(v2)), rho] / (rho + 1)).astype(v.dtype)
+    out = v2 - theta[:, None]
+    np.maximum(out, 0.0, out=out)
+    return out.reshape(v.shape)

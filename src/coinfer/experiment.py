@@ -140,6 +140,7 @@ class ExperimentConfig:
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     calibration_sizes: list[int] = field(default_factory=lambda: [250, 1000])
     coin_eps: list[float] = field(default_factory=lambda: [1e-12])
+    fisher_backend: str = "auto"  #: diagonal_fisher backend of coin: auto | layers | vmap | loop
     distill_epochs: list[int] = field(default_factory=lambda: [1, 5])
     coin_distill_epochs: list[int] = field(default_factory=lambda: [1])
     distill_lr: float = 1e-3
@@ -187,6 +188,10 @@ class ExperimentConfig:
             raise CoinferError(f"calibration_sizes must be positive counts, got {self.calibration_sizes}")
         if not self.distill_epochs or not self.coin_distill_epochs:
             raise CoinferError("distill_epochs and coin_distill_epochs must not be empty")
+        from coinfer.fisher import BACKENDS
+
+        if self.fisher_backend not in BACKENDS:
+            raise CoinferError(f"fisher_backend must be one of {BACKENDS}, got {self.fisher_backend!r}")
 
     def to_dict(self) -> dict:
         """JSON-able form."""
@@ -354,6 +359,7 @@ def _variants(
                                 normalize=norm,
                                 eps=eps,
                                 seed=seed,
+                                backend=cfg.fisher_backend,
                                 progress=progress,
                             ),
                         )
@@ -428,7 +434,12 @@ def _variants(
                             batch_size=cfg.distill_batch_size,
                             train_inputs=pool_x if fam.endswith("train") else None,
                             seed=seed,
-                            coin={"estimator": "exact", "seed": seed, "progress": progress},
+                            coin={
+                                "estimator": "exact",
+                                "seed": seed,
+                                "backend": cfg.fisher_backend,
+                                "progress": progress,
+                            },
                             progress=progress,
                         ),
                     )
