@@ -204,3 +204,13 @@ def test_bad_inputs_are_named(images):
         diagonal_fisher(m, images.long())
     with pytest.raises(CalibrationError, match="labels must lie in"):
         diagonal_fisher(m, images, "empirical", labels=torch.full((len(images),), 9))
+
+
+def test_layers_backend_in_class_groups_matches_the_loop(images, monkeypatch):
+    import coinfer.fisher_layers as fl
+
+    torch.manual_seed(8)
+    m = SmallCNN(num_classes=7).double()
+    x = images.double()
+    monkeypatch.setattr(fl, "CLASS_GROUP", 3)  # 7 classes in groups of 3, 3, 1
+    assert_rel_close(diagonal_fisher(m, x, "exact", backend="layers"), reference_fisher(m, x, "exact"))

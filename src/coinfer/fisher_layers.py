@@ -30,6 +30,11 @@ from torch import nn
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+#: Output gradients of at most this many classes are held at once (``exact``
+#: with many classes would otherwise hold ``C`` copies of every activation).
+CLASS_GROUP = 10
+
+
 class Unsupported(Exception):
     """The model cannot use the layer-wise backend (the caller falls back)."""
 
@@ -160,15 +165,23 @@ def accumulate(
         raise Unsupported("a layer ran more or less than once in the forward pass")
     order = list(layers)
     outs = [calls[i][0][1] for i in order]
-    deltas = [[] for _ in order]
-    for s in range(targets.shape[0]):
-        obj = logp.gather(1, targets[s].reshape(-1, 1)).sum()
-        gs = torch.autograd.grad(obj, outs, retain_graph=s + 1 < targets.shape[0], allow_unused=True)
-        for i, g in enumerate(gs):
-            deltas[i].append(torch.zeros_like(outs[i]) if g is None else g)
-    per_layer = {lid: (calls[lid][0][0], torch.stack(deltas[i])) for i, lid in enumerate(order)}
-    if check:
-        _check(model, owner, per_layer, x, targets[0])
+    n_targets = targets.shape[0]
+    for g0 in range(0, n_targets, CLASS_GROUP):
+        group = range(g0, min(n_targets, g0 + CLASS_GROUP))
+        deltas = [[] for _ in order]
+        for s in group:
+            obj = logp.gather(1, targets[s].reshape(-1, 1)).sum()
+            gs = torch.autograd.grad(obj, outs, retain_graph=s + 1 < n_targets, allow_unused=True)
+            for i, g in enumerate(gs):
+                deltas[i].append(torch.zeros_like(outs[i]) if g is None else g)
+        per_layer = {lid: (calls[lid][0][0], torch.stack(deltas[i])) for i, lid in enumerate(order)}
+        if check and g0 == 0:
+            _check(model, owner, per_layer, x, targets[0])
+        _contract(layers, owner, per_layer, weights[g0 : g0 + len(group)], fisher)
+
+
+def _contract(layers, owner, per_layer, weights, fisher) -> None:
+    """Add the weighted squared per-sample gradients of one group of targets."""
     for lid, (a, d) in per_layer.items():
         mod = layers[lid]
         names = [n for n, (m, _) in owner.items() if m is mod]
