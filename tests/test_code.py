@@ -161,3 +161,19 @@ def test_small_batch_numpy_path_agrees_with_the_torch_path(monkeypatch, dtype, p
         torch.testing.assert_close(small, big, rtol=tol, atol=tol)
         if project:
             assert (small >= 0).all() and torch.allclose(small.sum(-1), torch.ones((), dtype=dtype))
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_non_finite_outputs_are_refused_by_name_when_decoding(monkeypatch, small):
+    import coinfer.code as code_mod
+
+    if not small:
+        monkeypatch.setattr(code_mod, "SMALL_DECODE", -1)
+    code = Code(2, 1)
+    outs = code.encode_outputs(torch.softmax(torch.randn(2, 3, 4, dtype=torch.float64), -1))
+    outs[2, 1, 0] = float("nan")
+    with pytest.raises(DecodeError, match=r"workers \[2\] hold NaN or inf"):
+        code.decode({1: outs[1], 2: outs[2]}, project=True)
+    outs[1, 0, 0] = float("inf")
+    with pytest.raises(DecodeError, match=r"workers \[1, 2\]"):
+        code.decode({1: outs[1], 2: outs[2]})

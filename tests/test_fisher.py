@@ -119,6 +119,49 @@ class Scaled(nn.Module):
         return self.fc(x.flatten(1)) * self.scale
 
 
+class Regrouped(nn.Module):
+    """Reshapes the batch before a Linear: dim 0 of the layer is not the sample dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(45, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x.reshape(-1, 4)))  # (B * 9, 5)
+        return self.b(h.reshape(len(x), 45))
+
+
+class SeqFirst(nn.Module):
+    """Runs a Linear on (T, B, I) with T == B: shapes look per-sample but are not."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):  # x: (B, 1, 6, 6); tokens = rows, B == 6 == T
+        h = torch.tanh(self.a(x[:, 0].transpose(0, 1)))  # (T, B, 4)
+        return self.b(h.mean(0))
+
+
+class KeywordCall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(36, 3)
+
+    def forward(self, x):
+        return self.fc(input=x.flatten(1))
+
+
+def weight_normed():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return nn.Sequential(nn.Flatten(), nn.Linear(36, 5), nn.Tanh(), nn.utils.weight_norm(nn.Linear(5, 3)))
+
+
 def test_layers_backend_handles_strides_dilation_inplace_and_3d_linear(images):
     torch.manual_seed(5)
     m = Awkward()
@@ -135,15 +178,26 @@ def test_layers_backend_handles_strides_dilation_inplace_and_3d_linear(images):
 
 
 @pytest.mark.parametrize(
-    "cls, why", [(Tied, "disagrees with autograd"), (Twice, "more or less than once"), (Scaled, "scale")]
+    "cls, why",
+    [
+        (Tied, "disagrees with autograd"),
+        (Twice, "more or less than once"),
+        (Scaled, "scale"),
+        (Regrouped, "not the sample dim"),
+        (SeqFirst, "of one sample disagrees"),
+        (KeywordCall, "without a positional tensor"),
+        (weight_normed, "forward hooks|reparametrised"),
+    ],
 )
 def test_models_outside_the_layers_backend_fall_back_to_vmap(images, cls, why):
     torch.manual_seed(6)
     m = cls().double()
     x = images.double()
-    assert_rel_close(diagonal_fisher(m, x, "exact"), reference_fisher(m, x, "exact"))
+    bs = 6  # SeqFirst needs chunks of exactly 6 samples to look per-sample
+    want = reference_fisher(m, x, "exact")
+    assert_rel_close(diagonal_fisher(m, x, "exact", batch_size=bs), want)
     with pytest.raises(ValueError, match=why):
-        diagonal_fisher(m, x, "exact", backend="layers")
+        diagonal_fisher(m, x, "exact", backend="layers", batch_size=bs)
 
 
 def test_sampled_matches_the_loop_with_the_same_labels_and_is_seeded(model, images):

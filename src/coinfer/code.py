@@ -222,7 +222,8 @@ class Code:
             unchanged; missing ones are reconstructed.
 
         Raises:
-            DecodeError: more than ``r`` outputs missing, or shapes that disagree.
+            DecodeError: more than ``r`` outputs missing, shapes that disagree, or
+                NaN/inf in an output needed to reconstruct a missing one.
         """
         if not isinstance(available, Mapping) or not available:
             raise DecodeError("decode expects a non-empty mapping {worker index: (batch, C) tensor}")
@@ -246,6 +247,8 @@ class Code:
                 return fast
         dtype = first.dtype if first.is_floating_point() else torch.float32
         y = torch.stack([available[i].to(dtype) for i in rows])  # (k, B, C)
+        if not torch.isfinite(y).all():
+            raise _nonfinite([i for i, yi in zip(rows, y, strict=True) if not torch.isfinite(yi).all()])
         dmat = self.decoding_matrix(rows)[missing_data].to(dtype=dtype, device=y.device)
         rec = torch.einsum("mk,kbc->mbc", dmat, y)
         if project:
@@ -273,6 +276,9 @@ class Code:
             self._np_inverse_cache[key] = dmat
         b, c = tensors[0].shape
         y = np.stack([t.numpy() for t in tensors]).reshape(self.k, b * c)
+        if not np.isfinite(y).all():
+            bad = [i for i, t in zip(rows, tensors, strict=True) if not np.isfinite(t.numpy()).all()]
+            raise _nonfinite(bad)
         rec = (dmat @ y).reshape(len(missing_data), b, c)
         if project:
             rec = _project_simplex_np(rec)
@@ -291,6 +297,13 @@ class Code:
     def from_dict(cls, d: Mapping) -> Code:
         """Inverse of :meth:`to_dict`."""
         return cls(int(d["k"]), int(d["r"]), d.get("weights"))
+
+
+def _nonfinite(workers: list[int]) -> DecodeError:
+    return DecodeError(
+        f"cannot decode: the outputs of workers {workers} hold NaN or inf, and decoding "
+        f"would spread them into the reconstructed outputs"
+    )
 
 
 def project_simplex(v: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ estimators ``vmap`` is as fast (LeNet-5) or faster (ResNet-20).
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterable, Iterator
 
@@ -37,6 +38,8 @@ from coinfer import fisher_layers
 from coinfer.errors import CalibrationError
 
 __all__ = ["diagonal_fisher", "ESTIMATORS", "fisher_total"]
+
+log = logging.getLogger(__name__)
 
 ESTIMATORS = ("exact", "sampled", "empirical")
 BACKENDS = ("auto", "layers", "vmap", "loop")
@@ -255,6 +258,13 @@ def _accumulate(model, params, buffers, fisher, x, y, estimator, gen, state, jac
         except fisher_layers.Unsupported as e:
             if state["explicit"]:
                 raise ValueError(f"the layers backend does not apply to this model: {e}") from None
+            state["backend"] = "vmap"
+        except (RuntimeError, IndexError) as e:
+            # a model the structural checks missed (e.g. reshaping the batch
+            # before a layer) can also fail outright on the first chunk
+            if state["checked"] or state["explicit"]:
+                raise
+            log.debug("layers backend failed on the first chunk (%s); using vmap", e)
             state["backend"] = "vmap"
         else:
             if not state["checked"]:

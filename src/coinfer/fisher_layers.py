@@ -12,13 +12,16 @@ layer's input (as in BackPACK and Opacus):
 * ``nn.Conv2d``: ``g_b = δ_b · unfold(a_b)ᵀ``, summed over output positions;
 * BatchNorm in eval mode: ``g_γ = Σ δ·x̂``, ``g_β = Σ δ`` over positions.
 
-It applies when every parameter that needs a Fisher belongs to one of these
-layers (exact types, not subclasses), each such layer runs once per forward
-pass, and samples do not interact in eval mode. :func:`plan` checks the first
-two from the model's structure; :func:`accumulate` checks on the first chunk
-that the per-sample gradients it builds sum to autograd's batch gradient, so
-a parameter used outside its layer (tied weights, functional calls) is caught,
-and the caller falls back to ``torch.func``.
+It applies when every parameter that needs a Fisher is the ``weight`` or
+``bias`` of one of these layers (exact types, not subclasses, no forward
+hooks), each such layer runs once per forward pass with dim 0 the sample dim,
+and samples do not interact in eval mode. :func:`plan` checks the first from
+the model's structure; :func:`accumulate` checks the second while recording,
+and on the first chunk compares with autograd: the per-sample gradients must
+sum to the batch gradient (a parameter used outside its layer: tied weights,
+functional calls) and the first sample's must be its own gradient (samples
+that interact, a batch regrouped inside the model). Any failure raises
+:class:`Unsupported` and the caller falls back to ``torch.func``.
 """
 
 from __future__ import annotations
@@ -69,6 +72,10 @@ def plan(model: nn.Module, names: list[str]) -> dict[str, tuple[nn.Module, str]]
                 continue
             if not _layer_ok(mod):
                 raise Unsupported(f"{full} belongs to a {type(mod).__name__}")
+            if pname not in ("weight", "bias"):
+                raise Unsupported(f"{full} is not a layer's own weight or bias (reparametrised?)")
+            if mod._forward_pre_hooks or mod._forward_hooks:
+                raise Unsupported(f"{mname} has forward hooks that may change what it computes")
             owner[full] = (mod, pname)
     missing = [n for n in names if n not in owner]
     if missing:
@@ -151,6 +158,13 @@ def accumulate(
     calls: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in layers}
 
     def hook(mod, inp, out):
+        if not inp or not isinstance(inp[0], torch.Tensor):
+            raise Unsupported(f"a {type(mod).__name__} was called without a positional tensor input")
+        if inp[0].shape[:1] != x.shape[:1] or out.shape[:1] != x.shape[:1]:
+            raise Unsupported(
+                f"a {type(mod).__name__} saw a batch of {inp[0].shape[:1]} (input) / "
+                f"{out.shape[:1]} (output) for {len(x)} samples: dim 0 is not the sample dim"
+            )
         calls[id(mod)].append((inp[0].detach(), out))
         return out.clone()  # an in-place op downstream must not rewrite the recorded output
 
@@ -204,17 +218,24 @@ def _contract(layers, owner, per_layer, weights, fisher) -> None:
 
 
 def _check(model, owner, per_layer, x, target) -> None:
-    """The per-sample gradients for ``target`` must sum to autograd's batch gradient."""
+    """Compare with autograd for ``target``: the per-sample gradients must sum to
+    the batch gradient (catches parameters used outside their layer), and the
+    first sample's must equal its own gradient (catches samples that interact
+    or a batch regrouped inside the model)."""
     names = list(owner)
     params = dict(model.named_parameters())
+    tensors = [params[n] for n in names]
     with torch.enable_grad():
-        obj = torch.log_softmax(model(x), -1).gather(1, target.reshape(-1, 1)).sum()
-        want = torch.autograd.grad(obj, [params[n] for n in names], allow_unused=True)
-    for name, w in zip(names, want, strict=True):
+        logp = torch.log_softmax(model(x), -1).gather(1, target.reshape(-1, 1))
+        batch = torch.autograd.grad(logp.sum(), tensors, allow_unused=True, retain_graph=True)
+        first = torch.autograd.grad(logp[0, 0], tensors, allow_unused=True)
+    for name, wb, w0 in zip(names, batch, first, strict=True):
         mod, attr = owner[name]
         a, d = per_layer[id(mod)]
-        got = _reduced(mod, a, d[:1], lambda g: g.sum((0, 1)))[attr]
-        w = torch.zeros_like(got) if w is None else w
-        tol = 1e-4 * float(w.abs().max().clamp(min=1e-12)) + 1e-6
-        if float((got - w).abs().max()) > tol:
-            raise Unsupported(f"layer-wise gradient of {name} disagrees with autograd")
+        got_b = _reduced(mod, a, d[:1], lambda g: g.sum((0, 1)))[attr]
+        got_0 = _reduced(mod, a[:1], d[:1, :1], lambda g: g.sum((0, 1)))[attr]
+        for got, want, what in ((got_b, wb, "summed over the batch"), (got_0, w0, "of one sample")):
+            want = torch.zeros_like(got) if want is None else want
+            tol = 1e-4 * float(want.abs().max().clamp(min=1e-12)) + 1e-6
+            if float((got - want).abs().max()) > tol:
+                raise Unsupported(f"layer-wise gradient of {name} {what} disagrees with autograd")

@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
-from coinfer.errors import CoinferError
+from coinfer.errors import CoinferError, DecodeError
 from coinfer.serving.collector import CollectError, CollectTimeout
 from coinfer.serving.injection import Injection
 from coinfer.serving.runtime import MODES, Runtime
@@ -94,6 +94,8 @@ def build_app(runtime: Runtime) -> FastAPI:
             return _error(504, "timeout", str(exc), failed=exc.failed, pending=exc.pending)
         except CollectError as exc:
             return _error(503, "no_decodable_set", str(exc), failed=exc.failed, pending=exc.pending)
+        except DecodeError as exc:  # e.g. a worker answered NaN: the server's fault, not the client's
+            return _error(502, "bad_worker_output", str(exc))
         except CoinferError as exc:
             return _error(422, "bad_request", str(exc))
         probs = opts.get("return_probabilities", True)
