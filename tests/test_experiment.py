@@ -71,6 +71,8 @@ def test_toml_config_loads_and_refuses_unknown_keys(tmp_path):
         ({"r": 3}, "r must be"),
         ({"methods": ["coin-magic"]}, "coin-magic"),
         ({"calibration_sizes": [0]}, "calibration_sizes"),
+        ({"fisher_backend": "gpu"}, "fisher_backend must be one of"),
+        ({"code_weights": [[0.7, 0.7]]}, "row 0 sums to 1.4"),
     ],
 )
 def test_bad_config_values_are_refused(bad, match):

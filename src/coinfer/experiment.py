@@ -141,6 +141,7 @@ class ExperimentConfig:
     calibration_sizes: list[int] = field(default_factory=lambda: [250, 1000])
     coin_eps: list[float] = field(default_factory=lambda: [1e-12])
     fisher_backend: str = "auto"  #: diagonal_fisher backend of coin: auto | layers | vmap | loop
+    code_weights: list[list[float]] | None = None  #: parity weights W (r x k); None: Code's default
     distill_epochs: list[int] = field(default_factory=lambda: [1, 5])
     coin_distill_epochs: list[int] = field(default_factory=lambda: [1])
     distill_lr: float = 1e-3
@@ -192,6 +193,8 @@ class ExperimentConfig:
 
         if self.fisher_backend not in BACKENDS:
             raise CoinferError(f"fisher_backend must be one of {BACKENDS}, got {self.fisher_backend!r}")
+        if self.code_weights is not None:
+            Code(self.k, self.r, self.code_weights)  # raises CodeError naming the problem
 
     def to_dict(self) -> dict:
         """JSON-able form."""
@@ -564,7 +567,7 @@ def run_seed(cfg: ExperimentConfig, seed: int, progress: bool | None = None) -> 
         "train_seconds": base_meta["train_seconds"],
         "cached": base_meta["cached"],
     }
-    code = Code(cfg.k, cfg.r)
+    code = Code(cfg.k, cfg.r, cfg.code_weights)
     patterns = code.erasure_patterns()
     data_test = torch.stack([predict_probs(m, ds.x_test) for m in models])
     data_val = torch.stack([predict_probs(m, xv) for m in models])
