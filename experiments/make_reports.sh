@@ -11,7 +11,7 @@ rep() { out=$1; shift; dirs=(); for d in "$@"; do [ -d "$R/$d" ] && dirs+=("$R/$
 rep mnist_k2r1 mnist_class-split_k2r1 mnist_dirichlet_k2r1 mnist_iid_k2r1
 rep mnist_class-split_k mnist_class-split_k2r1 mnist_class-split_k3r1 mnist_class-split_k4r1 mnist_class-split_k3r2
 rep fashion_k2r1 fashion_class-split_k2r1 fashion_dirichlet_k2r1 fashion_iid_k2r1
-rep cifar10_reduced cifar10_class-split_k2r1_reduced
+rep cifar10_reduced cifar10_class-split_k2r1_reduced cifar10_dirichlet_k2r1_reduced cifar10_iid_k2r1_reduced
 for f in $R/*/seed*/results.*; do
   d=experiments/results/$(basename $(dirname $(dirname $f)))/$(basename $(dirname $f)); mkdir -p $d; cp $f $d/
 done
