@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from coinfer import Bundle, Code, build_model, encode
-from coinfer.train import accuracy, finetune_copies, fit
+from coinfer.experiments.train import accuracy, finetune_copies, fit
 
 MEAN, STD = 0.1307, 0.3081
 ARCH = {"name": "lenet5", "kwargs": {}}

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from coinfer.data import (
+from coinfer.errors import DataError
+from coinfer.experiments.data import (
     NORMALIZATION,
     from_arrays,
     load_cifar10_batches,
@@ -22,7 +23,6 @@ from coinfer.data import (
     random_crop_flip,
     read_idx,
 )
-from coinfer.errors import DataError
 
 SHARED = Path(__file__).parents[2] / "shared" / "data"
 

@@ -1,7 +1,7 @@
 """The demo's training/encoding/evaluation job on the bundled digits."""
 
 from coinfer import Bundle
-from coinfer.demo import run_demo
+from coinfer.experiments.demo import run_demo
 
 
 def test_demo_trains_encodes_and_measures_every_erasure(tmp_path):

@@ -8,10 +8,11 @@ from torch import nn
 
 from coinfer import CalibrationError, Code, ModelMismatchError, encode
 from coinfer.architectures import MLP
-from coinfer.data import class_split, load_digits
 from coinfer.encoders import fisher_weighted_average, recompute_batchnorm, weighted_average
-from coinfer.evaluate import total_variation
-from coinfer.train import finetune_copies, fit, predict_probs
+from coinfer.experiments.data import class_split, load_digits
+from coinfer.experiments.evaluate import total_variation
+from coinfer.experiments.train import finetune_copies, fit
+from coinfer.predict import predict_probs
 from tests.conftest import SmallBN, SmallCNN
 
 

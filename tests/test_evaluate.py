@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from coinfer import Code
-from coinfer.evaluate import (
+from coinfer.experiments.evaluate import (
     default_estimates,
     evaluate_estimates,
     evaluate_patterns,

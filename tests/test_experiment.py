@@ -10,7 +10,7 @@ import torch
 
 from coinfer.code import Code
 from coinfer.errors import CoinferError
-from coinfer.experiment import (
+from coinfer.experiments.run import (
     DEFAULT_METHODS,
     METHOD_PRESETS,
     ExperimentConfig,
@@ -90,7 +90,7 @@ def test_shipped_configs_are_valid():
 
 def _small_models(spec, x, y, k=2, r=1):
     from coinfer.architectures import build_model
-    from coinfer.train import fit
+    from coinfer.experiments.train import fit
 
     torch.manual_seed(0)
     base = build_model(spec)
@@ -129,7 +129,7 @@ def _check_every_method_builds_same_architecture(spec, x, y, r=1):
 
 
 def test_every_method_builds_a_coded_model_of_the_right_architecture_mlp():
-    from coinfer.data import load_digits
+    from coinfer.experiments.data import load_digits
 
     ds = load_digits()
     spec = {"name": "mlp", "kwargs": {"in_features": 64, "hidden": [16], "num_classes": 10}}
@@ -222,7 +222,7 @@ def test_cli_experiment_then_report(tmp_path):
     md = (rep / "report.md").read_text()
     assert "| coin-exact |" in md and "seeds [0, 1]" in md and "±" in md
     assert "Accuracy/cost frontier" in md
-    from coinfer.reports import aggregate, frontier, load_results
+    from coinfer.experiments.report import aggregate, frontier, load_results
 
     front = frontier(aggregate(load_results([out / "e2e"]))[0])
     assert all(a[1] <= b[1] and a[2] < b[2] for a, b in zip(front, front[1:], strict=False))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from coinfer.errors import DataError
-from coinfer.scenarios import partition
+from coinfer.experiments.scenarios import partition
 
 
 def _labels(n=3000, c=10, seed=0):

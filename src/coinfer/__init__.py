@@ -6,6 +6,10 @@ Public API (stable):
 * :func:`diagonal_fisher` — diagonal Fisher information (exact / sampled / empirical).
 * :func:`encode` — build the r coded models (``coin``, ``average``, ``distill``).
 * :class:`Bundle` — the deployable directory of models, code and manifest.
+* :func:`predict_probs` — a model's batched softmax outputs.
+
+The evaluation harness (datasets, scenarios, training, experiments, reports)
+lives in :mod:`coinfer.experiments` and uses only this API.
 """
 
 from coinfer.architectures import ARCHITECTURES, build_model
@@ -23,6 +27,7 @@ from coinfer.errors import (
     ModelMismatchError,
 )
 from coinfer.fisher import diagonal_fisher
+from coinfer.predict import predict_probs
 
 __version__ = "0.1.0"
 
@@ -43,6 +48,7 @@ __all__ = [
     "build_model",
     "diagonal_fisher",
     "encode",
+    "predict_probs",
     "project_simplex",
     "__version__",
 ]

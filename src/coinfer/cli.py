@@ -262,7 +262,7 @@ def demo(
 ) -> None:
     """Train k=2 models on bundled digits, encode COIN and average parities, evaluate erasures,
     then serve the bundle on local Ray under injected stragglers and a killed worker."""
-    from coinfer.demo import run_demo
+    from coinfer.experiments.demo import run_demo
 
     console.print("[bold]coinfer demo[/]: digits (scikit-learn), k=2 class-split models, r=1 parity")
     res = run_demo(out, seed=seed, progress=True)
@@ -297,7 +297,7 @@ def demo(
 
 
 def _demo_serve(bundle: str, seed: int) -> None:
-    from coinfer.data import class_split, load_digits
+    from coinfer.experiments.data import class_split, load_digits
     from coinfer.serving.demo import serve_demo
 
     ds = load_digits(seed=seed)
@@ -332,7 +332,7 @@ def _demo_serve(bundle: str, seed: int) -> None:
 
 # Later parts of the system add their commands here: each module has
 # ``register(app: typer.Typer) -> None``.
-_COMMAND_MODULES = ["coinfer.experiment_cli", "coinfer.serving.commands"]
+_COMMAND_MODULES = ["coinfer.experiments.commands", "coinfer.serving.commands"]
 
 
 def _register_commands() -> None:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from coinfer.code import Code
 from coinfer.errors import CalibrationError, ModelMismatchError
 from coinfer.fisher import ESTIMATORS, diagonal_fisher, fisher_total
-from coinfer.train import predict_probs
+from coinfer.predict import predict_probs
 
 __all__ = [
     "encode",

@@ -15,10 +15,11 @@ import torch
 from coinfer.architectures import build_model
 from coinfer.bundle import Bundle
 from coinfer.code import Code
-from coinfer.data import class_split, load_digits
 from coinfer.encoders import encode
-from coinfer.evaluate import evaluate_patterns, target_mixture_tv
-from coinfer.train import accuracy, finetune_copies, fit, predict_probs
+from coinfer.experiments.data import class_split, load_digits
+from coinfer.experiments.evaluate import evaluate_patterns, target_mixture_tv
+from coinfer.experiments.train import accuracy, finetune_copies, fit
+from coinfer.predict import predict_probs
 
 __all__ = ["run_demo"]
 

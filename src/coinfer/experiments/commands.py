@@ -58,7 +58,7 @@ def experiment(
     ] = False,
 ) -> None:
     """Train k models from a common init, encode parities with every method, evaluate every erasure."""
-    from coinfer.experiment import (
+    from coinfer.experiments.run import (
         METHOD_PRESETS,
         ExperimentConfig,
         TrainConfig,
@@ -95,7 +95,7 @@ def experiment(
         cfg.base = TrainConfig(**{**cfg.base.__dict__, "epochs": base_epochs})
     if finetune_epochs is not None:
         cfg.finetune = TrainConfig(**{**cfg.finetune.__dict__, "epochs": finetune_epochs})
-    from coinfer.experiment import run_experiment
+    from coinfer.experiments.run import run_experiment
 
     def show(res: dict) -> None:
         accs = ", ".join(f"{m['task_test_acc']:.4f}" for m in res["models"])
@@ -138,7 +138,7 @@ def report(
     ),
 ) -> None:
     """Aggregate runs over seeds (mean ± std) into a markdown table and plots."""
-    from coinfer.reports import write_report
+    from coinfer.experiments.report import write_report
 
     res = write_report(run_dirs, out)
     console.print(res["markdown"], markup=False, highlight=False)

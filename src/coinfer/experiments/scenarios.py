@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from coinfer.data import class_split
 from coinfer.errors import DataError
+from coinfer.experiments.data import class_split
 
 __all__ = ["SCENARIOS", "Partition", "partition"]
 

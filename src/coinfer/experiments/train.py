@@ -15,7 +15,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["fit", "finetune_copies", "accuracy", "predict_probs"]
+from coinfer.predict import predict_probs
+
+__all__ = ["fit", "finetune_copies", "accuracy"]
 
 
 def fit(
@@ -38,7 +40,7 @@ def fit(
     ``optimizer`` is ``"adam"`` (default) or ``"sgd"`` (Nesterov momentum
     ``momentum``, the usual choice for ResNets). ``lr`` follows a cosine
     schedule to zero over the run; ``augment(batch, generator)`` transforms
-    each training batch (e.g. :func:`coinfer.data.random_crop_flip`)."""
+    each training batch (e.g. :func:`coinfer.experiments.data.random_crop_flip`)."""
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
     if len(x) == 0:
@@ -92,16 +94,6 @@ def finetune_copies(
         fit(m, x, y, seed=seed + i, desc=f"fine-tune model {i}", **fit_kwargs)
         models.append(m)
     return models
-
-
-@torch.no_grad()
-def predict_probs(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Softmax outputs of ``model`` on ``x`` in eval mode, ``(N, C)``."""
-    was = model.training
-    model.eval()
-    out = torch.cat([torch.softmax(model(x[s : s + batch_size]), -1) for s in range(0, len(x), batch_size)])
-    model.train(was)
-    return out
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -43,10 +43,10 @@ from tqdm.auto import tqdm
 
 from coinfer.architectures import build_model
 from coinfer.code import Code
-from coinfer.data import Dataset, load_dataset, random_crop_flip
 from coinfer.encoders import encode
 from coinfer.errors import CoinferError
-from coinfer.evaluate import (
+from coinfer.experiments.data import Dataset, load_dataset, random_crop_flip
+from coinfer.experiments.evaluate import (
     default_estimates,
     evaluate_estimates,
     evaluate_patterns,
@@ -54,8 +54,9 @@ from coinfer.evaluate import (
     summarize,
     target_mixture_tv,
 )
-from coinfer.scenarios import SCENARIOS, Partition, partition
-from coinfer.train import accuracy, fit, predict_probs
+from coinfer.experiments.scenarios import SCENARIOS, Partition, partition
+from coinfer.experiments.train import accuracy, fit
+from coinfer.predict import predict_probs
 
 __all__ = [
     "TrainConfig",
@@ -108,7 +109,7 @@ _DEFAULT_ARCH = {"digits": "mlp", "mnist": "lenet5", "fashion_mnist": "lenet5", 
 
 @dataclass
 class TrainConfig:
-    """How one model is trained (see :func:`coinfer.train.fit`)."""
+    """How one model is trained (see :func:`coinfer.experiments.train.fit`)."""
 
     epochs: int = 5
     lr: float = 1e-3
