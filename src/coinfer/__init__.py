@@ -25,6 +25,7 @@ from coinfer.errors import (
     DataError,
     DecodeError,
     ModelMismatchError,
+    OptionError,
 )
 from coinfer.fisher import diagonal_fisher
 from coinfer.predict import predict_probs
@@ -45,6 +46,7 @@ __all__ = [
     "EncodeResult",
     "METHODS",
     "ModelMismatchError",
+    "OptionError",
     "build_model",
     "diagonal_fisher",
     "encode",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -32,8 +33,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from coinfer.code import Code
-from coinfer.errors import CalibrationError, ModelMismatchError
-from coinfer.fisher import ESTIMATORS, diagonal_fisher, fisher_total
+from coinfer.errors import CalibrationError, ModelMismatchError, OptionError
+from coinfer.fisher import BACKENDS, ESTIMATORS, diagonal_fisher, fisher_total
 from coinfer.predict import predict_probs
 
 __all__ = [
@@ -45,6 +46,8 @@ __all__ = [
     "CoinOptions",
     "AverageOptions",
     "DistillOptions",
+    "BUFFER_MODES",
+    "DISTILL_INITS",
     "weighted_average",
     "fisher_weighted_average",
     "recompute_batchnorm",
@@ -295,6 +298,30 @@ def fisher_weighted_average(
     return coded, n_fallback
 
 
+# --------------------------------------------------------------------------- option constraints
+BUFFER_MODES = ("recompute", "average")
+DISTILL_INITS = ("random", "average", "coin")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _expect(method: str, name: str, value: Any, ok: bool, expected: str) -> None:
+    """Refuse option ``name`` of ``method`` unless ``ok``, naming value and expectation."""
+    if not ok:
+        shown = f"a {type(value).__name__}" if isinstance(value, torch.Tensor | nn.Module) else repr(value)
+        raise OptionError(f"{method} option {name!r} must be {expected}, got {shown}")
+
+
+def _check_progress(method: str, value: Any) -> None:
+    _expect(method, "progress", value, value is None or isinstance(value, bool), "None, True or False")
+
+
 @dataclass
 class CoinOptions:
     """Options of the ``coin`` encoder."""
@@ -308,6 +335,20 @@ class CoinOptions:
     backend: str = "auto"  #: Fisher backend: auto | layers | vmap | loop (see diagonal_fisher)
     seed: int = 0  #: seed of the sampled estimator
     progress: bool | None = None
+
+    def validate(self, method: str = "coin") -> None:
+        """Refuse values outside the declared ranges before any work."""
+        _expect(method, "estimator", self.estimator, self.estimator in ESTIMATORS, f"one of {ESTIMATORS}")
+        n = self.num_samples
+        _expect(method, "num_samples", n, n is None or (_is_int(n) and n >= 1), "an integer >= 1 or None")
+        _expect(method, "eps", self.eps, _is_real(self.eps) and self.eps >= 0, "a finite number >= 0")
+        _expect(method, "normalize", self.normalize, isinstance(self.normalize, bool), "True or False")
+        _expect(method, "buffers", self.buffers, self.buffers in BUFFER_MODES, f"one of {BUFFER_MODES}")
+        b = self.batch_size
+        _expect(method, "batch_size", b, b is None or (_is_int(b) and b >= 1), "an integer >= 1 or None")
+        _expect(method, "backend", self.backend, self.backend in BACKENDS, f"one of {BACKENDS}")
+        _expect(method, "seed", self.seed, _is_int(self.seed), "an integer")
+        _check_progress(method, self.progress)
 
 
 @register("coin", CoinOptions)
@@ -365,6 +406,10 @@ class AverageOptions:
 
     buffers: str = "average"  #: average | recompute (BatchNorm statistics)
 
+    def validate(self, method: str = "average") -> None:
+        """Refuse values outside the declared ranges before any work."""
+        _expect(method, "buffers", self.buffers, self.buffers in BUFFER_MODES, f"one of {BUFFER_MODES}")
+
 
 @register("average", AverageOptions)
 def _average(models, code: Code, x, y, opts: AverageOptions):
@@ -391,6 +436,46 @@ class DistillOptions:
     seed: int = 0
     coin: dict = field(default_factory=dict)  #: options for init="coin"
     progress: bool | None = None
+
+    def validate(self, method: str = "distill") -> None:
+        """Refuse values outside the declared ranges before any work (the ``coin``
+        options of ``init="coin"`` included)."""
+        init = self.init
+        _expect(
+            method,
+            "init",
+            init,
+            isinstance(init, nn.Module) or (isinstance(init, str) and init in DISTILL_INITS),
+            f"an nn.Module or one of {DISTILL_INITS}",
+        )
+        _expect(method, "epochs", self.epochs, _is_int(self.epochs) and self.epochs >= 0, "an integer >= 0")
+        _expect(method, "lr", self.lr, _is_real(self.lr) and self.lr > 0, "a finite number > 0")
+        wd = self.weight_decay
+        _expect(method, "weight_decay", wd, _is_real(wd) and wd >= 0, "a finite number >= 0")
+        b = self.batch_size
+        _expect(method, "batch_size", b, _is_int(b) and b >= 1, "an integer >= 1")
+        t = self.train_inputs
+        _expect(
+            method,
+            "train_inputs",
+            t,
+            t is None
+            or (isinstance(t, torch.Tensor) and t.is_floating_point() and t.ndim >= 2 and len(t) > 0),
+            "None or a non-empty floating (N, *input_shape) tensor",
+        )
+        _expect(method, "seed", self.seed, _is_int(self.seed), "an integer")
+        _expect(method, "coin", self.coin, isinstance(self.coin, dict), "a dict of coin options")
+        known = {f.name for f in dataclasses.fields(CoinOptions)}
+        unknown = sorted(set(self.coin) - known)
+        _expect(
+            method,
+            "coin",
+            self.coin,
+            not unknown,
+            f"coin options only, unknown {unknown}; known {sorted(known)}",
+        )
+        CoinOptions(**self.coin).validate(method=f"{method} (coin init)")
+        _check_progress(method, self.progress)
 
 
 def _reset_parameters(model: nn.Module, seed: int) -> None:
@@ -501,6 +586,8 @@ def encode(
     if unknown:
         raise TypeError(f"method {method!r} got unknown options {unknown}; it accepts {sorted(known)}")
     opts = spec.options(**options)
+    if hasattr(opts, "validate"):
+        opts.validate()  # option values are checked before any work
     if not isinstance(code, Code):
         raise TypeError(f"code must be a coinfer.Code, got {type(code).__name__}")
     check_models(models, code.k)

@@ -11,6 +11,7 @@ __all__ = [
     "BundleError",
     "ArchitectureError",
     "DataError",
+    "OptionError",
 ]
 
 
@@ -44,3 +45,7 @@ class ArchitectureError(CoinferError):
 
 class DataError(CoinferError):
     """A dataset file that is missing or malformed."""
+
+
+class OptionError(CoinferError):
+    """An encoder option outside its declared values or range."""
