@@ -10,16 +10,9 @@ import torch
 
 from coinfer.code import Code
 from coinfer.errors import CoinferError
-from coinfer.experiments.run import (
-    DEFAULT_METHODS,
-    METHOD_PRESETS,
-    ExperimentConfig,
-    TrainConfig,
-    _variants,
-    config_from_dict,
-    load_config,
-    run_seed,
-)
+from coinfer.experiments.config import ExperimentConfig, TrainConfig, config_from_dict, load_config
+from coinfer.experiments.presets import DEFAULT_METHODS, PRESETS, BuildContext, build_variants
+from coinfer.experiments.run import run_seed
 
 SHARED = Path(__file__).parents[2] / "shared" / "data"
 REPO = Path(__file__).parents[1]
@@ -85,7 +78,7 @@ def test_shipped_configs_are_valid():
     assert files
     for f in files:
         cfg = load_config(f)
-        assert set(cfg.methods) <= set(METHOD_PRESETS)
+        assert set(cfg.methods) <= set(PRESETS)
 
 
 def _small_models(spec, x, y, k=2, r=1):
@@ -108,14 +101,16 @@ def _small_models(spec, x, y, k=2, r=1):
 def _check_every_method_builds_same_architecture(spec, x, y, r=1):
     base, models, code = _small_models(spec, x, y, r=r)
     cfg = ExperimentConfig(
-        methods=list(METHOD_PRESETS), calibration_sizes=[32], distill_epochs=[1], coin_distill_epochs=[1]
+        methods=list(PRESETS), calibration_sizes=[32], distill_epochs=[1], coin_distill_epochs=[1]
     )
-    variants = _variants(cfg, models, base, code, x[:32], y[:32], x[:64], 0, False)
-    assert {v.family for v in variants} == set(METHOD_PRESETS)
+    variants = build_variants(
+        BuildContext(cfg, models, base, code, x[:32], y[:32], x[:64], seed=0, progress=False)
+    )
+    assert {v.family for v in variants} == set(PRESETS)
     ref = models[0].state_dict()
     for v in variants:
-        if v.kind == "control":
-            assert v.build is None
+        if v.kind == "estimates":
+            assert v.family in ("substitute", "default") and v.build is None and v.estimates is not None
             continue
         coded, info = v.build()
         assert len(coded) == code.r, v.label
@@ -221,11 +216,19 @@ def test_cli_experiment_then_report(tmp_path):
     assert res.exit_code == 0, res.output
     md = (rep / "report.md").read_text()
     assert "| coin-exact |" in md and "seeds [0, 1]" in md and "±" in md
-    assert "Accuracy/cost frontier" in md
+    assert "Accuracy/cost frontier" in md and "| parity cost |" in md
+    rows = {
+        line.split(" | ")[0].strip("| "): line.split(" | ")
+        for line in md.splitlines()
+        if line.startswith("| ")
+    }
+    cost_col = rows["method"].index("parity cost")
+    assert rows["substitute"][cost_col] == "0.00" and rows["coin-exact"][cost_col] == "1.00"
     from coinfer.experiments.report import aggregate, frontier, load_results
 
     front = frontier(aggregate(load_results([out / "e2e"]))[0])
     assert all(a[1] <= b[1] and a[2] < b[2] for a, b in zip(front, front[1:], strict=False))
+    assert {c for *_, c in front} <= {0.0, 1.0}
     pngs = list(rep.glob("*.png"))
     assert (rep / "accuracy.png") in pngs and any(p.name.startswith("frontier_") for p in pngs)
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
@@ -251,3 +254,54 @@ def test_cli_errors_are_one_line(tmp_path):
         text=True,
     )
     assert r.returncode == 1 and "--data-dir" in r.stderr
+
+
+def test_arch_accepts_an_inline_table_as_well_as_a_name(tmp_path):
+    from coinfer.architectures import build_model
+    from coinfer.experiments.data import load_digits
+
+    ds = load_digits()
+    p = tmp_path / "c.toml"
+    p.write_text('arch = {name = "mlp", kwargs = {hidden = [8]}}\n')
+    cfg = load_config(p)
+    spec = cfg.arch_spec(ds)
+    assert spec == {"name": "mlp", "kwargs": {"hidden": [8], "in_features": 64, "num_classes": 10}}
+    assert build_model(spec)(ds.x_test[:3]).shape == (3, 10)
+    # the same spec as the string form with arch_kwargs, so the same cache entries
+    p.write_text('arch = "mlp"\narch_kwargs = {hidden = [8]}\n')
+    assert load_config(p).arch_spec(ds) == spec
+    p.write_text('arch = {name = "mlp"}\n')
+    assert load_config(p).arch_spec(ds)["kwargs"] == {"in_features": 64, "num_classes": 10}
+    for text, match in [
+        ("arch = {kwargs = {hidden = [8]}}\n", "arch: architecture spec must be a name or"),
+        ('arch = {name = "mlp", width = 8}\n', r"arch table has unknown key\(s\) \['width'\]"),
+        ('arch = {name = "mlp", kwargs = {hidden = [8]}}\narch_kwargs = {hidden = [4]}\n', "not both"),
+        ("arch = 3\n", "arch must be a name or a table"),
+    ]:
+        p.write_text(text)
+        with pytest.raises(CoinferError, match=match):
+            load_config(p)
+
+
+def test_a_run_with_an_inline_arch_table_trains_that_architecture(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text(
+        'name = "inline"\narch = {name = "mlp", kwargs = {hidden = [8]}}\nmethods = ["substitute"]\n'
+        "calibration_sizes = [16]\nthreads = 1\n[base]\nepochs = 1\n[finetune]\nepochs = 1\n"
+    )
+    cfg = load_config(p, out_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))
+    res = run_seed(cfg, 0, progress=False)
+    assert res["arch"] == {"name": "mlp", "kwargs": {"hidden": [8], "in_features": 64, "num_classes": 10}}
+
+
+def test_reports_of_results_written_before_parity_cost_was_recorded():
+    from coinfer.experiments.report import aggregate, load_results, markdown_table, parity_cost_of
+
+    results = load_results([REPO / "experiments" / "results" / "mnist_class-split_k2r1"])
+    assert results and not any("parity_cost" in m for res in results for m in res["methods"])
+    (group,) = aggregate(results)
+    cost = {r["family"]: r["parity_cost"][0] for r in group["methods"]}
+    assert cost["substitute"] == cost["default"] == 0.0
+    assert cost["coin-exact"] == cost["base"] == cost["distill-common"] == 1.0
+    assert parity_cost_of({"family": "x", "parity_cost": 2.5}) == 2.5
+    assert "| parity cost |" in markdown_table(group)

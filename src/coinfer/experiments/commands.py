@@ -58,18 +58,13 @@ def experiment(
     ] = False,
 ) -> None:
     """Train k models from a common init, encode parities with every method, evaluate every erasure."""
-    from coinfer.experiments.run import (
-        METHOD_PRESETS,
-        ExperimentConfig,
-        TrainConfig,
-        config_from_dict,
-        load_config,
-        summary_rows,
-    )
+    from coinfer.experiments.config import ExperimentConfig, TrainConfig, config_from_dict, load_config
+    from coinfer.experiments.presets import PRESETS
+    from coinfer.experiments.report import summary_rows
 
     if list_methods:
-        for m, d in METHOD_PRESETS.items():
-            console.print(f"[bold]{m}[/]: {d}")
+        for m, p in PRESETS.items():
+            console.print(f"[bold]{m}[/]: {p.description}")
         return
     overrides = {
         "dataset": dataset,
@@ -115,6 +110,7 @@ def experiment(
         "own task acc",
         "TV",
         "build s",
+        "parity cost",
         title=f"{cfg.name}: test metrics, mean over seeds {cfg.seeds}",
     )
     for row in sorted(summary_rows(results), key=lambda x: -x["reconstruction_acc"]):
@@ -127,6 +123,7 @@ def experiment(
             f"{row['own_task_acc']:.4f}",
             f"{row['tv']:.3f}",
             f"{row['seconds']:.2f}",
+            f"{row['parity_cost']:.2f}",
         )
     console.print(t)
 

@@ -4,7 +4,8 @@ A *group* is one setting (dataset, architecture, scenario, k, r); within it,
 each method family's validation-chosen variant is averaged over seeds
 (mean ± sample std). Plots: reconstruction and decoded task accuracy per
 method and scenario, and reconstruction accuracy against build seconds for
-every variant (the accuracy/cost frontier).
+every variant (the accuracy/cost frontier), each point coloured by its parity
+cost (the coded model's inference cost in units of one data model).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 from coinfer.errors import CoinferError
 
 __all__ = [
+    "summary_rows",
+    "parity_cost_of",
     "load_results",
     "aggregate",
     "frontier",
@@ -35,6 +38,35 @@ _SHOWN = (
     ("tv", "TV to true"),
     ("negative_mass", "neg. mass"),
 )
+
+
+_NO_PARITY = ("substitute", "default")
+
+
+def parity_cost_of(method: dict) -> float:
+    """A variant's parity cost; results written before it was recorded get 1.0
+    (a coded model with the data models' architecture), 0 for the no-parity controls."""
+    if "parity_cost" in method:
+        return float(method["parity_cost"])
+    return 0.0 if method["family"] in _NO_PARITY else 1.0
+
+
+def summary_rows(results: Sequence[dict]) -> list[dict]:
+    """Per method family, the validation-chosen variant's test metrics, mean over seeds."""
+    fams: dict[str, list[dict]] = {}
+    for res in results:
+        for r in res["methods"]:
+            if r["chosen"]:
+                fams.setdefault(r["family"], []).append(r)
+    rows = []
+    for fam, rs in fams.items():
+        row = {"family": fam, "label": ", ".join(sorted({r["label"] for r in rs})), "n": len(rs)}
+        for m in ("reconstruction_acc", "reconstruction_acc_task", "decoded_task_acc", "own_task_acc", "tv"):
+            row[m] = sum(r["test"][m] for r in rs) / len(rs)
+        row["seconds"] = sum(r["seconds"] for r in rs) / len(rs)
+        row["parity_cost"] = sum(parity_cost_of(r) for r in rs) / len(rs)
+        rows.append(row)
+    return rows
 
 
 def load_results(paths: Iterable[str | Path]) -> list[dict]:
@@ -90,6 +122,7 @@ def aggregate(results: Sequence[dict]) -> list[dict]:
             for metric, _ in _SHOWN:
                 row[metric] = _ms([m["test"].get(metric) for m in ms])
             row["seconds"] = _ms([m["seconds"] for m in ms])
+            row["parity_cost"] = _ms([parity_cost_of(m) for m in ms])
             row["coded_tv"] = _ms([m["coded_tv"][0] if m.get("coded_tv") else None for m in ms])
             row["forward_passes"] = _ms([m["forward_passes"] for m in ms])
             row["backward_passes"] = _ms([m["backward_passes"] for m in ms])
@@ -132,6 +165,7 @@ def markdown_table(group: dict) -> str:
         f"base model test accuracy {_fmt(group['base_test_acc'], 4)}\n\n"
     )
     cols = ["method", "chosen on validation", *[c for _, c in _SHOWN], "coded TV to mixture", "build s"]
+    cols += ["parity cost"]
     cols += ["fwd / bwd passes", "Fisher max/min"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     rows = sorted(group["methods"], key=lambda r: -r["reconstruction_acc"][0])
@@ -140,12 +174,14 @@ def markdown_table(group: dict) -> str:
         cells += [_fmt(r[m]) for m, _ in _SHOWN]
         cells.append(_fmt(r["coded_tv"]))
         cells.append(_fmt(r["seconds"], 2))
+        cells.append(f"{r['parity_cost'][0]:.2f}")
         cells.append(f"{r['forward_passes'][0]:.3g} / {r['backward_passes'][0]:.3g}")
         cells.append(_fmt(r["fisher_ratio"], 2) if "fisher_ratio" in r else "–")
         lines.append("| " + " | ".join(cells) + " |")
-    front = " → ".join(f"{lab} ({s:.2f} s, {a:.3f})" for lab, s, a in frontier(group))
+    front = " → ".join(f"{lab} ({s:.2f} s, {a:.3f}, parity ×{c:.2f})" for lab, s, a, c in frontier(group))
     tail = (
-        f"\nAccuracy/cost frontier over all variants (mean build s, mean test reconstruction acc): {front}\n"
+        "\nAccuracy/cost frontier over all variants (mean build s, mean test reconstruction acc, "
+        f"parity cost): {front}\n"
     )
     return head + "\n".join(lines) + "\n" + tail
 
@@ -188,58 +224,82 @@ def plot_accuracy(groups: Sequence[dict], path: str | Path) -> Path:
     return path
 
 
-def _variant_means(group: dict) -> tuple[dict[str, tuple[float, float]], dict[str, str]]:
-    pts: dict[str, list[tuple[float, float]]] = {}
+def _variant_means(group: dict) -> tuple[dict[str, tuple[float, float, float]], dict[str, str]]:
+    """Per variant label: (mean build seconds, mean test reconstruction acc, mean parity cost)."""
+    pts: dict[str, list[tuple[float, float, float]]] = {}
     fam_of: dict[str, str] = {}
     for res in group["runs"]:
         for m in res["methods"]:
-            pts.setdefault(m["label"], []).append((m["seconds"], m["test"]["reconstruction_acc"]))
+            pts.setdefault(m["label"], []).append(
+                (m["seconds"], m["test"]["reconstruction_acc"], parity_cost_of(m))
+            )
             fam_of[m["label"]] = m["family"]
-    means = {lab: (sum(p[0] for p in v) / len(v), sum(p[1] for p in v) / len(v)) for lab, v in pts.items()}
+    means = {lab: tuple(sum(p[i] for p in v) / len(v) for i in range(3)) for lab, v in pts.items()}
     return means, fam_of
 
 
-def frontier(group: dict) -> list[tuple[str, float, float]]:
-    """The accuracy/cost frontier over every variant of a group: ``(label, mean
-    build seconds, mean test reconstruction accuracy)``, cheapest first, each
-    more accurate than every cheaper one. (Variants are not chosen on test here:
-    this is a description of cost against accuracy, not a model selection.)"""
+def frontier(group: dict) -> list[tuple[str, float, float, float]]:
+    """The accuracy/build-cost frontier over every variant of a group: ``(label,
+    mean build seconds, mean test reconstruction accuracy, parity cost)``,
+    cheapest build first, each more accurate than every cheaper one. (Variants
+    are not chosen on test here: this is a description of cost against
+    accuracy, not a model selection.)"""
     means, _ = _variant_means(group)
     order = sorted(means.items(), key=lambda kv: (kv[1][0], -kv[1][1]))
     out, best = [], -1.0
-    for lab, (s, a) in order:
+    for lab, (s, a, c) in order:
         if a > best:
-            out.append((lab, s, a))
+            out.append((lab, s, a, c))
             best = a
     return out
 
 
+_MARKERS = "osD^vP*Xph<>d8H"
+
+
 def plot_frontier(group: dict, path: str | Path) -> Path:
     """Reconstruction accuracy against build seconds for every variant of one group
-    (mean over seeds); zero-cost methods are drawn at the left edge."""
+    (mean over seeds): one marker shape per method family, colour by parity cost
+    (the coded model's inference cost in units of one data model; 0 for the
+    no-parity controls). Zero-cost builds are drawn at the left edge."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import Normalize
 
     means, fam_of = _variant_means(group)
-    positive = [s for s, _ in means.values() if s > 0]
+    positive = [s for s, _, _ in means.values() if s > 0]
     floor = min(positive) / 3 if positive else 1e-2
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
     fams = sorted(set(fam_of.values()))
-    cmap = plt.get_cmap("tab20")
+    norm = Normalize(vmin=0.0, vmax=max(1.0, *(c for _, _, c in means.values())))
+    cmap = plt.get_cmap("viridis")
     for i, fam in enumerate(fams):
         labs = [lab for lab in means if fam_of[lab] == fam]
         xs = [max(means[lab][0], floor) for lab in labs]
         ys = [means[lab][1] for lab in labs]
-        ax.scatter(xs, ys, color=cmap(i % 20), label=fam, s=36)
+        cs = [means[lab][2] for lab in labs]
+        ax.scatter(
+            xs,
+            ys,
+            c=cs,
+            cmap=cmap,
+            norm=norm,
+            marker=_MARKERS[i % len(_MARKERS)],
+            label=fam,
+            s=40,
+            edgecolors="k",
+            linewidths=0.4,
+        )
         for lab, x, y in zip(labs, xs, ys, strict=True):
             extra = lab[len(fam) :].strip()
             if extra:
                 ax.annotate(extra, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     # the frontier: variants not beaten by a cheaper-or-equal, more accurate one
-    front = [(max(s, floor), a) for _, s, a in frontier(group)]
+    front = [(max(s, floor), a) for _, s, a, _ in frontier(group)]
     ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="k", lw=1, alpha=0.6)
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="parity cost (× one data model)")
     ax.set_xscale("log")
     ax.set_xlabel(f"build seconds (log; zero-cost methods drawn at {floor:.2g} s)")
     ax.set_ylabel("reconstruction accuracy (test, mean over seeds)")
@@ -247,7 +307,9 @@ def plot_frontier(group: dict, path: str | Path) -> Path:
         f"accuracy/cost: {group['dataset']} {group['arch']} {group['scenario']} k={group['k']} r={group['r']}"
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    leg = ax.legend(fontsize=7, loc="lower right")
+    for h in leg.legend_handles:
+        h.set_facecolor("lightgrey")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -279,7 +341,7 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path) -> dict:
         w.writerow(
             ["dataset", "arch", "scenario", "k", "r", "family", "n_seeds"]
             + [f"{m}_{s}" for m, _ in _SHOWN for s in ("mean", "std")]
-            + ["seconds_mean", "seconds_std"]
+            + ["seconds_mean", "seconds_std", "parity_cost_mean"]
         )
         for g in groups:
             for r in g["methods"]:
@@ -287,6 +349,7 @@ def write_report(paths: Iterable[str | Path], out_dir: str | Path) -> dict:
                     [g["dataset"], g["arch"], g["scenario"], g["k"], g["r"], r["family"], r["n"]]
                     + [f"{v:.4f}" for m, _ in _SHOWN for v in r[m]]
                     + [f"{v:.3f}" for v in r["seconds"]]
+                    + [f"{r['parity_cost'][0]:.3f}"]
                 )
     files["markdown"] = str(out / "report.md")
     files["csv"] = str(out / "summary.csv")
