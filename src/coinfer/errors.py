@@ -11,6 +11,7 @@ __all__ = [
     "BundleError",
     "ArchitectureError",
     "DataError",
+    "SplitError",
 ]
 
 
@@ -44,3 +45,7 @@ class ArchitectureError(CoinferError):
 
 class DataError(CoinferError):
     """A dataset file that is missing or malformed."""
+
+
+class SplitError(CoinferError):
+    """A model that cannot be split into trunk and head at the requested point."""
