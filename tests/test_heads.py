@@ -331,3 +331,111 @@ def test_heads_reconstructs_specialists_where_weight_averaging_cannot():
     assert r_heads >= 0.93, (r_heads, r_coin, r_avg)
     assert r_heads > max(r_coin, r_avg) + 0.15, (r_heads, r_coin, r_avg)
     assert heads.info["parity_cost"] <= 1.25
+
+
+# --------------------------------------------------------------------------- review findings
+def test_refit_of_a_layer_without_bias_fits_no_intercept():
+    torch.manual_seed(0)
+    layer_head = nn.Sequential(nn.Linear(8, 6, bias=False), nn.ReLU(), nn.Linear(6, 3))
+    own = torch.randn(2000, 8)
+    merged = own + 2.0  # the merged trunk's features are shifted
+    st = _refit_stats("0", layer_head, merged, own)
+    refit = __import__("copy").deepcopy(layer_head)
+    refit_layer(refit[0], st, alpha=1e-6)
+    with torch.no_grad():
+        want = layer_head[0](own)
+        err_refit = float(((refit[0](merged) - want) ** 2).mean())
+        err_copy = float(((layer_head[0](merged) - want) ** 2).mean())
+        # the best bias-free least-squares fit, solved directly
+        sol = torch.linalg.lstsq(merged.double(), want.double()).solution
+        err_best = float(((merged.double() @ sol - want.double()) ** 2).mean())
+    assert err_refit == pytest.approx(err_best, rel=1e-3)
+    assert err_refit < 0.2 * err_copy
+
+
+class _DropNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.dropout(torch.relu(self.fc1(x)), 0.5, training=self.training))
+
+
+def test_a_model_in_train_mode_is_split_in_eval_mode_and_rebuilds_identically(tmp_path, monkeypatch):
+    import coinfer.architectures as archs
+
+    monkeypatch.setitem(archs.ARCHITECTURES, "dropnet", _DropNet)
+    models = [_DropNet().train(), _DropNet().train()]
+    x = torch.randn(5, 6)
+    trunk, head = split_model(models[0], "fc2")
+    with torch.no_grad():
+        torch.testing.assert_close(head(trunk(x)), models[0].eval()(x))
+    models[0].train()
+    coded = encode(models, Code(2, 1), torch.randn(40, 6), method="heads", split="fc2")
+    path = Bundle("dropnet", Code(2, 1), models, list(coded), (6,)).save(tmp_path / "b")
+    loaded = Bundle.load(path).coded_models[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), coded[0](x))
+        torch.testing.assert_close(loaded(x), loaded(x))
+
+
+def test_encoding_leaves_the_callers_models_untouched():
+    class BNNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.bn, self.fc2 = nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+    models = [BNNet().train(), BNNet().train()]
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    encode(models, Code(2, 1), torch.randn(50, 6), method="heads", split="fc2")
+    for m, sd in zip(models, before, strict=True):
+        assert m.training
+        for key, v in m.state_dict().items():
+            torch.testing.assert_close(v, sd[key])
+
+
+def test_refit_targets_are_pre_activations_even_with_an_inplace_relu():
+    head = nn.Sequential(nn.Linear(5, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))
+    own = torch.randn(300, 5)
+    st = _refit_stats("0", head, own, own)
+    with torch.no_grad():
+        pre = head[0](own).double()
+        x = torch.cat([own.double(), torch.ones(300, 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(st.cross, x.T @ pre)
+
+
+def test_a_sequential_subclass_with_its_own_forward_is_traced_not_sliced():
+    class Scaled(nn.Sequential):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = Scaled(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    trunk, head = split_model(model, "2")
+    x = torch.randn(6, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(head(trunk(x)), model(x))
+
+
+def test_a_holdout_that_leaves_nothing_to_fit_is_a_named_error():
+    from coinfer.errors import CalibrationError
+
+    models = _models(MLP, 2)
+    with pytest.raises(CalibrationError, match="holdout=0.8 of 2 calibration inputs"):
+        encode(models, Code(2, 1), torch.randn(2, 10), method="heads", split="net.3", holdout=0.8)
+
+
+def test_a_nan_mixture_weight_in_a_manifest_is_a_bundle_error(tmp_path):
+    models = _models(MLP, 2)
+    coded = encode(models, Code(2, 1), torch.randn(30, 10), method="heads", split="net.3")
+    path = Bundle(MLP, Code(2, 1), models, list(coded), (10,)).save(tmp_path / "b")
+    mf = path / "manifest.json"
+    m = json.loads(mf.read_text())
+    m["parities"][0]["weights"] = [float("nan"), 0.5]
+    mf.write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="mixture weights"):
+        Bundle.load(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,7 +145,10 @@ class Bundle:
             return None
         if not isinstance(st, Mapping):
             raise BundleError(f"manifest parity {index - k} must be an object or null, got {st!r}")
-        row = Code.from_dict(manifest["code"]).weights[index - k]
+        try:
+            row = Code.from_dict(manifest["code"]).weights[index - k]
+        except (CodeError, KeyError, TypeError) as exc:
+            raise BundleError(f"manifest: invalid code: {exc}") from None
         members, weights = st.get("members"), st.get("weights")
         expect = [i for i in range(k) if row[i] > 0]
         if members != expect or not isinstance(weights, list) or len(weights) != len(expect):
@@ -154,7 +158,7 @@ class Bundle:
             )
         bad = [
             (i, w) for i, w in zip(members, weights, strict=True)
-            if not isinstance(w, int | float) or abs(float(w) - float(row[i])) > 1e-6
+            if not isinstance(w, int | float) or not math.isfinite(float(w)) or abs(float(w) - float(row[i])) > 1e-6
         ]
         if bad:
             raise BundleError(f"manifest parity {index - k}: mixture weights {weights} differ from the code's row")

@@ -193,7 +193,7 @@ def inspect(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -
             console.print(
                 f"parity {j}: {st['kind']} — trunk {st.get('trunk')}, split {st['split']!r}, "
                 f"heads of models {st['members']}, weights {np.round(st['weights'], 4).tolist()}, "
-                f"parity cost {cost_s}"
+                f"parity cost {cost_s} (as recorded by the encoder)"
             )
     t = Table("erased workers", "condition number")
     for pat in code.erasure_patterns():

@@ -73,13 +73,13 @@ class HeadsParity(nn.Module):
     ):
         super().__init__()
         if len(heads) != len(weights) or len(heads) != len(members) or not heads:
-            raise ValueError(
+            raise SplitError(
                 f"heads ({len(heads)}), weights ({len(weights)}) and members ({len(members)}) must "
                 "have the same non-zero length"
             )
         w = torch.as_tensor([float(v) for v in weights], dtype=torch.float64)
         if not torch.isfinite(w).all() or (w <= 0).any():
-            raise ValueError(f"mixture weights must be positive and finite, got {w.tolist()}")
+            raise SplitError(f"mixture weights must be positive and finite, got {w.tolist()}")
         self.trunk = trunk
         self.heads = nn.ModuleList(heads)
         self.register_buffer("log_weights", torch.log(w / w.sum()).float())
@@ -131,7 +131,7 @@ def build_parity(model: nn.Module, structure: Mapping[str, Any]) -> HeadsParity:
         or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in weights)
     ):
         raise SplitError(f"parity members {members!r} and weights {weights!r} must be equal-length lists")
-    trunk, head = split_model(model, split)
+    trunk, head = split_model(model.eval(), split)
     par = HeadsParity(trunk, [copy.deepcopy(head) for _ in members], weights, members, split)
     par.meta = {k: v for k, v in structure.items() if k in ("trunk", "parity_cost", "refit_layers", "alpha")}
     return par
@@ -238,9 +238,9 @@ def _layer_io(layer: nn.Module, head: nn.Module, h: torch.Tensor, batch: int = 2
     """Inputs and outputs of ``layer`` when ``head`` runs on ``h`` (eval mode)."""
     ins, outs = [], []
 
-    def hook(mod, args, out):
-        ins.append(args[0].detach())
-        outs.append(out.detach())
+    def hook(mod, args, out):  # clone: an in-place activation next would overwrite them
+        ins.append(args[0].detach().clone())
+        outs.append(out.detach().clone())
 
     hk = layer.register_forward_hook(hook)
     try:
@@ -253,13 +253,17 @@ def _layer_io(layer: nn.Module, head: nn.Module, h: torch.Tensor, batch: int = 2
 
 
 def _design(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
-    """Rows of the regression: features (Linear) or unfolded patches (Conv2d), plus a ones column."""
+    """Rows of the regression: features (Linear) or unfolded patches (Conv2d),
+    plus a ones column where the layer has a bias."""
     if isinstance(layer, nn.Linear):
         x = a.reshape(-1, a.shape[-1])
     else:
         cols = F.unfold(a, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # (N, D, L)
         x = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1).double()
+    x = x.double()
+    if layer.bias is None:
+        return x
+    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
 
 
 def _targets(layer: nn.Module, out: torch.Tensor) -> torch.Tensor:
@@ -269,10 +273,11 @@ def _targets(layer: nn.Module, out: torch.Tensor) -> torch.Tensor:
 
 
 def _weight_matrix(layer: nn.Module) -> torch.Tensor:
-    """(out, D + 1): the weight as a matrix over design columns, bias last."""
+    """The weight as a matrix over the design columns: (out, D), or (out, D + 1) with the bias last."""
     w = layer.weight.detach().reshape(layer.weight.shape[0], -1).double()
-    b = layer.bias.detach().double() if layer.bias is not None else torch.zeros(len(w), dtype=torch.float64)
-    return torch.cat([w, b[:, None]], 1)
+    if layer.bias is None:
+        return w
+    return torch.cat([w, layer.bias.detach().double()[:, None]], 1)
 
 
 def _refittable(layer: nn.Module) -> bool:
@@ -319,7 +324,8 @@ def _own_outputs(head: nn.Module, h_own: torch.Tensor, names: Sequence[str]) -> 
     mods = dict(head.named_modules())
     outs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     hooks = [
-        mods[n].register_forward_hook(lambda mod, args, out, n=n: outs[n].append(out.detach())) for n in names
+        mods[n].register_forward_hook(lambda mod, args, out, n=n: outs[n].append(out.detach().clone()))
+        for n in names
     ]
     try:
         with torch.no_grad():
@@ -373,11 +379,12 @@ def refit_layer(layer: nn.Module, stats: _RefitStats, alpha: float) -> None:
     d = stats.gram.shape[0]
     a = stats.gram + lam * torch.eye(d, dtype=stats.gram.dtype)
     rhs = stats.cross + lam * stats.w0.T
-    w = torch.linalg.solve(a, rhs).T  # (out, D+1)
+    w = torch.linalg.solve(a, rhs).T  # (out, D) or (out, D + 1)
+    d_w = layer.weight[0].numel()
     with torch.no_grad():
-        layer.weight.copy_(w[:, :-1].reshape(layer.weight.shape).to(layer.weight.dtype))
+        layer.weight.copy_(w[:, :d_w].reshape(layer.weight.shape).to(layer.weight.dtype))
         if layer.bias is not None:
-            layer.bias.copy_(w[:, -1].to(layer.bias.dtype))
+            layer.bias.copy_(w[:, d_w].to(layer.bias.dtype))
 
 
 def _score(pc: torch.Tensor, probs: torch.Tensor, row: Sequence[float]) -> tuple[float, float]:
@@ -409,14 +416,22 @@ def encode_heads(
     Returns the parities and their info."""
     k = len(models)
     n_val = max(1, int(round(opts.holdout * len(x))))
-    x_fit, x_val = x[:-n_val], x[-n_val:]
+    if len(x) - n_val < 1:
+        raise CalibrationError(
+            f"holdout={opts.holdout} of {len(x)} calibration inputs leaves none to fit the heads on; "
+            "give more calibration inputs or a smaller holdout"
+        )
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(opts.seed))
+    x_fit, x_val = x[perm[n_val:]], x[perm[:n_val]]
+    models = [_eval_copy(m) for m in models]  # never touch the caller's models (modes, BN statistics)
     alphas = list(DEFAULT_ALPHAS) if opts.alphas is None else _as_list(opts.alphas)
     model_flops = count_flops(models[0], x[:1])
     if model_flops <= 0:
         raise SplitError("the data model has no matrix products or convolutions to count: parity_cost is undefined")
     with torch.no_grad():
         probs_val = torch.stack([torch.softmax(m(x_val), -1) for m in models]).double()
-    splits = _choose_splits(models[0], opts.split, k, x, model_flops, opts)
+    n_heads = max(sum(1 for w in row if w > 0) for row in rows)
+    splits = _choose_splits(models[0], opts.split, n_heads, x, model_flops, opts)
     samples = 0  # samples through a trunk or a head, for the info
     tried: list[dict[str, Any]] = []
     parities: list[HeadsParity] = []
@@ -465,6 +480,10 @@ def encode_heads(
         "heldout_samples": n_val,
     }
     return parities, info
+
+
+def _eval_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).eval()
 
 
 def _as_list(v) -> list[float]:

@@ -71,6 +71,11 @@ def _crossing(t: _Traced, cut: int) -> list[fx.Node]:
     return [n for n in t.nodes[:cut] if n.op != "get_attr" and any(u in after for u in n.users)]
 
 
+def _plain_sequential(model: nn.Module) -> bool:
+    """An nn.Sequential whose forward is Sequential's own (a subclass may override it)."""
+    return isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward
+
+
 def _sequential_split(model: nn.Sequential, split: str) -> tuple[nn.Module, nn.Module] | None:
     names = [n for n, _ in model.named_children()]
     if split not in names:
@@ -94,7 +99,7 @@ def split_model(model: nn.Module, split: str) -> tuple[nn.Module, nn.Module]:
     """
     if not isinstance(split, str) or not split:
         raise SplitError(f"split must be a module name or {INPUT!r}, got {split!r}")
-    model = copy.deepcopy(model)
+    model = copy.deepcopy(model).eval()  # fx records self.training as a constant: trace the eval branch
     if split == INPUT:
         return nn.Identity(), model
     names = _module_names(model)
@@ -103,7 +108,7 @@ def split_model(model: nn.Module, split: str) -> tuple[nn.Module, nn.Module]:
         raise SplitError(
             f"split {split!r} is not a module of {type(model).__name__}: expected {INPUT!r} or one of {shown}"
         )
-    if isinstance(model, nn.Sequential):
+    if _plain_sequential(model):
         parts = _sequential_split(model, split)
         if parts is not None:
             return parts
@@ -112,6 +117,12 @@ def split_model(model: nn.Module, split: str) -> tuple[nn.Module, nn.Module]:
     if cut is None:
         raise SplitError(f"module {split!r} of {type(model).__name__} is never called by its forward()")
     crossing = _crossing(t, cut)
+    extra_inputs = [n.name for n in crossing if n.op == "placeholder" and n is not t.nodes[0]]
+    if extra_inputs:
+        raise SplitError(
+            f"cannot split {type(model).__name__} at {split!r}: the head would read forward() argument(s) "
+            f"{extra_inputs} besides the features; a split model's forward must take one input"
+        )
     if len(crossing) != 1:
         raise SplitError(
             f"cannot split {type(model).__name__} at {split!r}: {len(crossing)} values cross the cut "
@@ -147,10 +158,10 @@ def split_candidates(model: nn.Module) -> list[str]:
     modules holding parameters, and only cuts a single value crosses.
     """
     has_params = {n for n, m in model.named_modules() if n and any(True for _ in m.parameters())}
-    if isinstance(model, nn.Sequential):
+    if _plain_sequential(model):
         names = [n for n, _ in model.named_children()]
         return [INPUT] + [n for n in names[1:] if n in has_params]
-    t = _trace(model)
+    t = _trace(copy.deepcopy(model).eval())
     seen: dict[int, str] = {}
     for name in _module_names(model):  # named_modules: outer before inner
         if name not in has_params:
@@ -172,11 +183,12 @@ def split_candidates(model: nn.Module) -> list[str]:
 def count_flops(module: nn.Module, x: torch.Tensor) -> int:
     """FLOPs of one forward pass of ``module`` on ``x``, counted by
     :class:`~torch.utils.flop_counter.FlopCounterMode`."""
-    was = module.training
+    flags = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
             module(x)
     finally:
-        module.train(was)
+        for m, was in flags:
+            m.training = was
     return int(fc.get_total_flops())
