@@ -1,5 +1,7 @@
-"""Build cost of the coded model: ``coin`` (each Fisher estimator) against
-``distill`` at several epoch budgets, for ``lenet5`` and ``resnet20``.
+"""Build cost of the coded model: ``coin`` (each Fisher estimator) and ``heads``
+(trunk average / COIN, at its split points) against ``distill`` at several
+epoch budgets, for ``lenet5`` and ``resnet20``, with each parity's serving cost
+(``parity_cost``: its FLOPs over one data model's).
 
 Timing does not depend on what the models learned, so the k = 2 data models
 are freshly initialised copies and the inputs are random tensors of the right
@@ -31,6 +33,7 @@ SETTINGS = {
         "calibration": 1000,
         "train_inputs": 10000,
         "epochs": [1, 5],
+        "splits": ["auto", "fc1"],
     },
     "resnet20": {
         "spec": {"name": "resnet20", "kwargs": {"width": 16}},
@@ -38,6 +41,7 @@ SETTINGS = {
         "calibration": 128,
         "train_inputs": 1000,
         "epochs": [1, 2],
+        "splits": ["fc", "layers.6", "layers.3"],
     },
 }
 
@@ -63,6 +67,9 @@ def bench(arch: str, repeats: int = 1) -> list[dict]:
         (f"coin {e}", "coin", {"estimator": e}, (calib, labels)) for e in ("exact", "sampled", "empirical")
     ]
     jobs += [("average", "average", {}, calib)]
+    for split in s["splits"]:
+        jobs.append((f"heads average {split}", "heads", {"trunk": "average", "split": split}, calib))
+        jobs.append((f"heads coin-exact {split}", "heads", {"trunk": "coin", "split": split}, calib))
     for e in s["epochs"]:
         jobs.append((f"distill calib E={e}", "distill", {"init": "random", "epochs": e}, calib))
         jobs.append(
@@ -87,9 +94,11 @@ def bench(arch: str, repeats: int = 1) -> list[dict]:
                 "train_inputs": s["train_inputs"] if "train_inputs" in opts else s["calibration"],
                 "forward_passes": res.info.get("forward_passes"),
                 "backward_passes": res.info.get("backward_passes"),
+                "parity_cost": res.info.get("parity_cost", 1.0),
+                "split": res.info.get("split", [None])[0],
             }
         )
-        print(f"{arch:9s} {label:22s} {min(secs):8.2f} s", flush=True)
+        print(f"{arch:9s} {label:28s} {min(secs):8.2f} s  parity cost {rows[-1]['parity_cost']:.3f}", flush=True)
     return rows
 
 
@@ -103,21 +112,27 @@ def markdown(rows: list[dict], machine: dict) -> str:
         "costs one Fisher pass per model over the calibration inputs (exact: one "
         "backward per class per sample; sampled/empirical: one per sample); "
         "`distill` costs the teachers' forward passes plus epochs × inputs "
-        "forward/backward passes of the student.",
+        "forward/backward passes of the student. `heads` costs a merge (`average`: "
+        "none; `coin-exact`: the Fisher passes), feature passes of every model over "
+        "the calibration inputs, one ridge solve per head and α (6 α values, chosen "
+        "on a 20% held-out slice; with `split=auto`, for every split whose parity "
+        "cost fits 1.25). Parity cost is the parity's FLOPs over one data model's "
+        "(torch's FlopCounterMode), the serving cost.",
         "",
         f"Machine: {machine['cpu_count']} CPU cores (shared), torch {machine['torch']} "
         f"with {machine['torch_threads']} thread(s), no GPU; {machine['platform']}.",
         "",
         "    OMP_NUM_THREADS=1 python benchmarks/build_cost.py --threads 1 --write-docs",
         "",
-        "| arch | method | calibration | inputs trained on | build s | fwd passes | bwd passes |",
-        "|---|---|---|---|---|---|---|",
+        "| arch | method | calibration | inputs trained on | build s | fwd passes | bwd passes | parity cost |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['arch']} | {r['method']} | {r['calibration']} | "
             f"{r['train_inputs'] if r['method'].startswith('distill') else '–'} | {r['seconds']:.2f} | "
-            f"{r['forward_passes']} | {r['backward_passes']} |"
+            f"{r['forward_passes']} | {r['backward_passes']} | "
+            f"{r.get('parity_cost', 1.0):.3f}{' (' + r['split'] + ')' if r.get('split') else ''} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -45,3 +45,26 @@ def cnn_pair():
 @pytest.fixture
 def images():
     return torch.randn(24, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+
+
+def digits_specialists(k: int = 2, hidden=(64, 32), seed: int = 0):
+    """k MLPs fine-tuned on disjoint class groups of scikit-learn's digits from a
+    common base (the demo's recipe). Returns (arch spec, models, dataset, calibration inputs)."""
+    from coinfer import build_model
+    from coinfer.experiments.data import class_split, load_digits
+    from coinfer.experiments.train import finetune_copies, fit
+
+    arch = {"name": "mlp", "kwargs": {"in_features": 64, "hidden": list(hidden), "num_classes": 10}}
+    ds = load_digits(seed=seed)
+    perm = torch.randperm(len(ds.x_train), generator=torch.Generator().manual_seed(seed))
+    nb = len(perm) // 3
+    torch.manual_seed(seed)
+    base = build_model(arch)
+    fit(base, ds.x_train[perm[:nb]], ds.y_train[perm[:nb]], epochs=10, lr=3e-3, seed=seed, progress=False)
+    rest = perm[nb:]
+    parts = []
+    for classes in class_split(10, k):
+        m = torch.isin(ds.y_train[rest], torch.tensor(classes))
+        parts.append((ds.x_train[rest][m], ds.y_train[rest][m]))
+    models = finetune_copies(base, parts, seed=seed, epochs=30, lr=3e-3, progress=False)
+    return arch, models, ds, ds.x_train[rest]

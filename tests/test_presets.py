@@ -231,3 +231,28 @@ def test_a_run_records_the_parity_cost_the_encoder_reports(heads_registered, tmp
     csv_text = (tmp_path / "runs" / "heads" / "seed0" / "results.csv").read_text().splitlines()
     col = csv_text[0].split(",").index("parity_cost")
     assert [line.split(",")[col] for line in csv_text[1:]] == ["1.5", "1", "1", "0", "0"]
+
+
+def test_the_heads_encoder_is_one_line_of_the_table(monkeypatch):
+    line = Preset(
+        "heads",
+        {"trunk": "coin", "refit": True},
+        axes={"split": "heads_splits", "num_samples": "calibration_sizes"},
+        description="merged COIN trunk + each model's head",
+    )
+    monkeypatch.setitem(PRESETS, "heads-coin", line)
+    cfg = config_from_dict(
+        {"methods": ["heads-coin"], "heads_splits": ["auto", "input"], "calibration_sizes": [20]}
+    )
+    ctx = _ctx(cfg)
+    vs = build_variants(ctx)
+    assert [v.label for v in vs] == ["heads-coin split=auto n=20", "heads-coin split=input n=20"]
+    coded, info = vs[1].build()  # split at the input: the exact mixture, k times one model's compute
+    assert info["options"]["trunk"] == "coin" and info["options"]["num_samples"] == 20
+    assert info["parity_cost"] == pytest.approx(2.0, rel=0.05)
+    x = ctx.calib_x[:8]
+    mix = sum(w * torch.softmax(m(x), -1) for w, m in zip(ctx.code.weights[0], ctx.models, strict=True))
+    torch.testing.assert_close(torch.softmax(coded[0](x), -1), mix, rtol=1e-4, atol=1e-5)
+    monkeypatch.setitem(PRESETS, "heads-bad", Preset("heads", {"trunk": "mlp"}))
+    with pytest.raises(CoinferError, match="'heads-bad'.*trunk"):
+        config_from_dict({"methods": ["heads-bad"]})

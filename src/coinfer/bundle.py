@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch import nn
 
 from coinfer.architectures import build_model, normalize_spec
 from coinfer.code import Code
-from coinfer.errors import BundleError, CodeError
+from coinfer.errors import BundleError, CodeError, CoinferError
 
 __all__ = ["Bundle", "FORMAT_VERSION", "sha256_file", "save_model", "load_model"]
 
@@ -45,9 +46,22 @@ def save_model(model: nn.Module, path: str | Path) -> None:
     save_file(sd, str(path))
 
 
-def load_model(spec: str | Mapping[str, Any], path: str | Path) -> nn.Module:
-    """Build ``spec`` and load its weights from a safetensors file, strictly."""
+def load_model(
+    spec: str | Mapping[str, Any], path: str | Path, parity: Mapping[str, Any] | None = None
+) -> nn.Module:
+    """Build ``spec`` and load its weights from a safetensors file, strictly.
+
+    ``parity``: a coded model's structure from the manifest (``kind: heads``:
+    a :class:`~coinfer.heads.HeadsParity` over ``spec``); None for a model of
+    the architecture itself."""
     model = build_model(spec)
+    if parity is not None:
+        from coinfer.heads import build_parity
+
+        try:
+            model = build_parity(model, parity)
+        except CoinferError as exc:
+            raise BundleError(f"{path}: cannot rebuild the parity's structure: {exc}") from None
     try:
         sd = load_file(str(path))
     except Exception as exc:
@@ -60,6 +74,11 @@ def load_model(spec: str | Mapping[str, Any], path: str | Path) -> nn.Module:
             f"{path}: weights do not match architecture {normalize_spec(spec)['name']!r}: "
             f"{' '.join(s.strip() for s in first[:3])}"
         ) from None
+    if parity is not None:
+        try:
+            model.check_weights(parity["weights"])
+        except CoinferError as exc:
+            raise BundleError(f"{path}: {exc}") from None
     model.eval()
     return model
 
@@ -109,6 +128,43 @@ class Bundle:
         return self.all_models[index]
 
     @staticmethod
+    def parity_structure(manifest: Mapping[str, Any], index: int) -> dict[str, Any] | None:
+        """The structure of worker ``index``'s model from a manifest: None for a
+        model of the bundle's architecture (every data model, and a coded model
+        built by a weight-space method), else a parity's structure (``kind``,
+        ``split``, ``members``, ``weights``), checked against the code."""
+        k = int(manifest["code"]["k"])
+        parities = manifest.get("parities")
+        if index < k or parities is None:
+            return None
+        r = int(manifest["code"]["r"])
+        if not isinstance(parities, list) or len(parities) != r:
+            raise BundleError(f"manifest field 'parities' must be a list of r = {r} entries, got {parities!r}")
+        st = parities[index - k]
+        if st is None:
+            return None
+        if not isinstance(st, Mapping):
+            raise BundleError(f"manifest parity {index - k} must be an object or null, got {st!r}")
+        try:
+            row = Code.from_dict(manifest["code"]).weights[index - k]
+        except (CodeError, KeyError, TypeError) as exc:
+            raise BundleError(f"manifest: invalid code: {exc}") from None
+        members, weights = st.get("members"), st.get("weights")
+        expect = [i for i in range(k) if row[i] > 0]
+        if members != expect or not isinstance(weights, list) or len(weights) != len(expect):
+            raise BundleError(
+                f"manifest parity {index - k}: members {members!r} do not match the code's row "
+                f"{[round(float(v), 6) for v in row]} (expected {expect})"
+            )
+        bad = [
+            (i, w) for i, w in zip(members, weights, strict=True)
+            if not isinstance(w, int | float) or not math.isfinite(float(w)) or abs(float(w) - float(row[i])) > 1e-6
+        ]
+        if bad:
+            raise BundleError(f"manifest parity {index - k}: mixture weights {weights} differ from the code's row")
+        return dict(st)
+
+    @staticmethod
     def filename(index: int, k: int) -> str:
         return f"data_{index}.safetensors" if index < k else f"coded_{index - k}.safetensors"
 
@@ -131,6 +187,7 @@ class Bundle:
             "encoder": _jsonable(self.encoder),
             "input_shape": list(self.input_shape),
             "class_names": self.class_names,
+            "parities": [_structure(m) for m in self.coded_models],
             "files": files,
         }
         tmp = path / (MANIFEST + ".tmp")
@@ -206,7 +263,9 @@ class Bundle:
                     f"bundle file {f} is corrupted: sha256 {digest[:12]}… does not match the manifest's "
                     f"{manifest['files'][name][:12]}…"
                 )
-        models = [load_model(arch, path / name) for name in expected]
+        models = [
+            load_model(arch, path / name, cls.parity_structure(manifest, i)) for i, name in enumerate(expected)
+        ]
         return cls(
             architecture=arch,
             code=code,
@@ -224,6 +283,11 @@ class Bundle:
         idx = range(self.n) if indices is None else indices
         with torch.no_grad():
             return {i: torch.softmax(self.model(i)(x), dim=-1) for i in idx}
+
+
+def _structure(model: nn.Module) -> dict[str, Any] | None:
+    structure = getattr(model, "structure", None)
+    return structure() if callable(structure) else None
 
 
 def _jsonable(obj: Any) -> Any:

@@ -99,9 +99,9 @@ def encode(
     out: Annotated[Path, typer.Option(help="Bundle directory to write.")],
     arch_kwargs: Annotated[str, typer.Option(help="Architecture kwargs as JSON.")] = "{}",
     r: Annotated[int, typer.Option("--r", help="Number of coded (parity) models.")] = 1,
-    method: Annotated[str, typer.Option(help="Encoder: coin, average, distill.")] = "coin",
+    method: Annotated[str, typer.Option(help="Encoder: coin, heads, average, distill.")] = "coin",
     estimator: Annotated[
-        str, typer.Option(help="Fisher estimator for coin: exact, sampled, empirical.")
+        str, typer.Option(help="Fisher estimator for coin and heads: exact, sampled, empirical.")
     ] = "exact",
     samples: Annotated[int | None, typer.Option(help="Calibration samples used (default all).")] = None,
     normalize: Annotated[bool, typer.Option(help="Normalise each model's Fisher to the same total.")] = False,
@@ -138,7 +138,7 @@ def encode(
     w = json.loads(weights) if weights else None
     code = Code(len(models), r, w)
     opts = _parse_options(option or [])
-    if method == "coin":
+    if method in ("coin", "heads"):
         opts = {
             "estimator": estimator,
             "num_samples": samples,
@@ -160,6 +160,11 @@ def encode(
         console.print(
             "Fisher totals per model: " + ", ".join(f"{t:.4g}" for t in coded.info["fisher_totals"])
         )
+    if "parity_cost" in coded.info:
+        console.print(
+            f"heads: split {coded.info['split']}, ridge alpha {coded.info['alpha']}, "
+            f"parity cost {coded.info['parity_cost']:.3f}x one data model's FLOPs"
+        )
 
 
 @app.command()
@@ -178,6 +183,18 @@ def inspect(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -
     if "fisher_totals" in enc:
         console.print("Fisher totals: " + ", ".join(f"{t:.4g}" for t in enc["fisher_totals"]))
     console.print(f"code: k={code.k} r={code.r} n={code.n}  W={np.round(code.weights, 4).tolist()}")
+    for j in range(code.r):
+        st = Bundle.parity_structure(manifest, code.k + j)
+        if st is None:
+            console.print(f"parity {j}: the architecture itself (parity cost 1.0)")
+        else:
+            cost = st.get("parity_cost")
+            cost_s = f"{cost:.3f}" if isinstance(cost, int | float) else "unknown"
+            console.print(
+                f"parity {j}: {st['kind']} — trunk {st.get('trunk')}, split {st['split']!r}, "
+                f"heads of models {st['members']}, weights {np.round(st['weights'], 4).tolist()}, "
+                f"parity cost {cost_s} (as recorded by the encoder)"
+            )
     t = Table("erased workers", "condition number")
     for pat in code.erasure_patterns():
         t.add_row(str(list(pat)), f"{code.condition_number(pat):.3g}")

@@ -351,9 +351,11 @@ class CoinOptions:
         _check_progress(method, self.progress)
 
 
-@register("coin", CoinOptions)
-def _coin(models, code: Code, x, y, opts: CoinOptions):
-    """Fisher-weighted parameter averaging (COIN)."""
+def coin_merge(models, rows, x, y, opts) -> tuple[list[nn.Module], dict[str, Any]]:
+    """COIN's merge for each parity row of ``rows``: the Fisher of every model on
+    the first ``opts.num_samples`` calibration inputs, then the Fisher-weighted
+    average per row. Buffers are left as model 0's; ``opts`` carries the COIN
+    options (estimator, num_samples, eps, normalize, batch_size, backend, seed)."""
     if opts.estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {opts.estimator!r}")
     if opts.estimator == "empirical" and y is None:
@@ -382,11 +384,10 @@ def _coin(models, code: Code, x, y, opts: CoinOptions):
             {p: f * (target / max(t, 1e-30)) for p, f in fi.items()}
             for fi, t in zip(fishers, totals, strict=True)
         ]
-    coded_models, fallback = [], []
-    for row in code.weights:
+    merged, fallback = [], []
+    for row in rows:
         coded, n_fallback = fisher_weighted_average(models, fishers, row, opts.eps)
-        _finish_buffers(coded, models, row, x[:n], opts.buffers)
-        coded_models.append(coded)
+        merged.append(coded)
         fallback.append(n_fallback)
     c = _num_classes(models[0], x)
     per_sample_bwd = c if opts.estimator == "exact" else 1
@@ -394,9 +395,21 @@ def _coin(models, code: Code, x, y, opts: CoinOptions):
         "fisher_totals": totals,
         "fallback_entries": fallback,
         "calibration_samples": n,
-        "forward_passes": len(models) * n + (code.r * n if opts.buffers == "recompute" else 0),
+        "forward_passes": len(models) * n,
         "backward_passes": len(models) * n * per_sample_bwd,
     }
+    return merged, info
+
+
+@register("coin", CoinOptions)
+def _coin(models, code: Code, x, y, opts: CoinOptions):
+    """Fisher-weighted parameter averaging (COIN)."""
+    coded_models, info = coin_merge(models, code.weights, x, y, opts)
+    n = info["calibration_samples"]
+    for coded, row in zip(coded_models, code.weights, strict=True):
+        _finish_buffers(coded, models, row, x[:n], opts.buffers)
+    if opts.buffers == "recompute":
+        info["forward_passes"] += code.r * n
     return coded_models, info
 
 
@@ -612,3 +625,7 @@ def encode(
 
 def _jsonable(v) -> bool:
     return v is None or isinstance(v, bool | int | float | str | list | dict)
+
+
+# registers "heads" (merged trunk + per-model heads); imported last: it uses the helpers above
+from coinfer import heads as _heads_module  # noqa: E402, F401

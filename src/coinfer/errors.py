@@ -12,6 +12,7 @@ __all__ = [
     "ArchitectureError",
     "DataError",
     "OptionError",
+    "SplitError",
 ]
 
 
@@ -49,3 +50,7 @@ class DataError(CoinferError):
 
 class OptionError(CoinferError):
     """An encoder option outside its declared values or range."""
+
+
+class SplitError(CoinferError):
+    """A model that cannot be split into trunk and head at the requested point."""

@@ -58,7 +58,8 @@ class ModelWorker:
         if digest != manifest["files"].get(name):
             raise BundleError(f"bundle file {path / name} does not match the manifest's sha256")
         self.device = torch.device(device)
-        self.model = load_model(manifest["architecture"], path / name).to(self.device).eval()
+        parity = Bundle.parity_structure(manifest, row)
+        self.model = load_model(manifest["architecture"], path / name, parity).to(self.device).eval()
         self.row, self.worker = row, worker
         self.rng = random.Random(seed * 1_000_003 + worker)
         self._infer.set_max_batch_size(max_batch_size)

@@ -1,0 +1,595 @@
+"""The ``heads`` parity: a merged trunk with each data model's own head.
+
+::
+
+    x -> merged trunk (COIN or w-average; BatchNorm recomputed) -> h
+    parity logits = log Σ_i w_i softmax(head_i(h))          (log-sum-exp)
+
+A single merged network cannot output the two-peaked mixture ``Σ w_i p_i`` of
+specialists; keeping the last layers per model can. The split point is a dial:
+at the output nothing is kept per model (COIN), at the input the parity is the
+exact mixture (k times one model's compute). ``parity_cost`` is the parity's
+FLOPs over one data model's.
+
+Each head's first layer (``nn.Linear`` or ``nn.Conv2d``) sees merged features
+it was not trained on, so by default it is **refit in closed form**: ridge
+regression from the merged trunk's features to model i's own pre-activation on
+the calibration inputs, shrunk toward the original weights,
+
+    W_i' = argmin ||X_c W'ᵀ − T_i||² + λ ||W' − W_i||²,   λ = α · tr(X_cᵀX_c) / D,
+
+(convolutions on unfolded patches), with α chosen on a held-out slice of the
+calibration inputs by how often the parity reconstructs an erased model's
+top-1. ``α → ∞`` is the copied head, so the grid contains the copy.
+
+The parity is a plain ``nn.Module`` returning logits, so decoding, bundles and
+serving treat it like any coded model; :meth:`HeadsParity.structure` is what a
+bundle records to rebuild it (:func:`build_parity`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coinfer.encoders import _finish_buffers, coin_merge, register, weighted_average
+from coinfer.errors import CalibrationError, SplitError
+from coinfer.split import INPUT, count_flops, split_candidates, split_model
+
+__all__ = ["HeadsParity", "HeadsOptions", "build_parity", "refit_layer", "DEFAULT_ALPHAS"]
+
+#: Ridge strengths α tried (relative to the mean diagonal of XᵀX); ``inf`` is
+#: the copied head, so the refit is kept only where it wins on held-out data.
+DEFAULT_ALPHAS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, math.inf)
+TRUNKS = ("coin", "average")
+
+
+class HeadsParity(nn.Module):
+    """A parity model: one trunk, ``m`` heads, mixture weights; returns logits
+    ``log Σ_i w_i softmax(head_i(trunk(x)))``.
+
+    Args:
+        trunk: maps inputs to the features the heads read.
+        heads: one module per kept data model, features -> logits.
+        weights: the mixture weight of each head (positive, summing to 1).
+        members: the data-model index of each head (for the manifest).
+        split: the split point's name (for the manifest).
+    """
+
+    def __init__(
+        self,
+        trunk: nn.Module,
+        heads: Sequence[nn.Module],
+        weights: Sequence[float],
+        members: Sequence[int],
+        split: str,
+    ):
+        super().__init__()
+        if len(heads) != len(weights) or len(heads) != len(members) or not heads:
+            raise SplitError(
+                f"heads ({len(heads)}), weights ({len(weights)}) and members ({len(members)}) must "
+                "have the same non-zero length"
+            )
+        w = torch.as_tensor([float(v) for v in weights], dtype=torch.float64)
+        if not torch.isfinite(w).all() or (w <= 0).any():
+            raise SplitError(f"mixture weights must be positive and finite, got {w.tolist()}")
+        self.trunk = trunk
+        self.heads = nn.ModuleList(heads)
+        self.register_buffer("log_weights", torch.log(w / w.sum()).float())
+        self.members = [int(i) for i in members]
+        self.split = split
+        self.meta: dict[str, Any] = {}  #: build facts the manifest records (trunk, parity_cost, ...)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.trunk(x)
+        logp = torch.stack([F.log_softmax(head(h), dim=-1) for head in self.heads])
+        return torch.logsumexp(logp + self.log_weights.to(logp.dtype)[:, None, None], dim=0)
+
+    def structure(self) -> dict[str, Any]:
+        """What a bundle's manifest records to rebuild this parity."""
+        return {
+            "kind": "heads",
+            "split": self.split,
+            "members": list(self.members),
+            "weights": torch.exp(self.log_weights.double()).tolist(),
+            **self.meta,
+        }
+
+    def check_weights(self, weights: Sequence[float], tol: float = 1e-5) -> None:
+        """Refuse a state whose mixture weights are not ``weights`` (e.g. a
+        bundle's tensors disagreeing with its manifest)."""
+        have = torch.exp(self.log_weights.double())
+        want = torch.as_tensor([float(v) for v in weights], dtype=torch.float64)
+        if have.shape != want.shape or not torch.allclose(have, want / want.sum(), atol=tol, rtol=0):
+            raise SplitError(f"parity mixture weights {have.tolist()} differ from the expected {want.tolist()}")
+
+
+def build_parity(model: nn.Module, structure: Mapping[str, Any]) -> HeadsParity:
+    """An empty :class:`HeadsParity` skeleton of ``structure`` (from
+    :meth:`HeadsParity.structure`) over ``model``'s architecture, ready for
+    ``load_state_dict``."""
+    if structure.get("kind") != "heads":
+        raise SplitError(f"unknown parity kind {structure.get('kind')!r}: expected 'heads'")
+    members = structure.get("members")
+    weights = structure.get("weights")
+    split = structure.get("split")
+    if not isinstance(split, str):
+        raise SplitError(f"parity split must be a string, got {split!r}")
+    if (
+        not isinstance(members, list)
+        or not isinstance(weights, list)
+        or len(members) != len(weights)
+        or not members
+        or not all(isinstance(i, int) and not isinstance(i, bool) for i in members)
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in weights)
+    ):
+        raise SplitError(f"parity members {members!r} and weights {weights!r} must be equal-length lists")
+    trunk, head = split_model(model.eval(), split)
+    par = HeadsParity(trunk, [copy.deepcopy(head) for _ in members], weights, members, split)
+    par.meta = {k: v for k, v in structure.items() if k in ("trunk", "parity_cost", "refit_layers", "alpha")}
+    return par
+
+
+# --------------------------------------------------------------------------- options
+@dataclass
+class HeadsOptions:
+    """Options of the ``heads`` encoder."""
+
+    split: str = "auto"  #: module name where the heads start, "input", or "auto"
+    trunk: str = "average"  #: average | coin: how the trunk is merged (w-average, or COIN's Fisher-weighted)
+    refit: bool = True  #: ridge-refit each head's first layer(s) onto the merged features
+    refit_depth: int | None = 1  #: how many of the head's Linear/Conv2d layers to refit, in order (None: all)
+    max_parity_cost: float = 1.25  #: split="auto": largest parity FLOPs / one model's FLOPs
+    alphas: Sequence[float] | None = None  #: ridge strengths tried, inf = copy (None: DEFAULT_ALPHAS)
+    holdout: float = 0.2  #: share of the calibration inputs held out to choose α and the split
+    estimator: str = "exact"  #: trunk="coin": Fisher estimator (exact | sampled | empirical)
+    num_samples: int | None = None  #: calibration samples used (None: all)
+    eps: float = 1e-12  #: trunk="coin": fall back to the w-average where Σ w_i F_i < eps
+    normalize: bool = False  #: trunk="coin": rescale each model's Fisher to the same total
+    batch_size: int | None = None  #: Fisher chunk size (None: the backend's default)
+    backend: str = "auto"  #: Fisher backend: auto | layers | vmap | loop
+    seed: int = 0
+    progress: bool | None = None
+    coin: dict = field(default_factory=dict)  #: unused; kept for symmetry with distill
+
+    def validate(self) -> None:
+        """Refuse bad values before any work, naming the option."""
+        from coinfer.fisher import BACKENDS, ESTIMATORS
+
+        if not isinstance(self.split, str) or not self.split:
+            raise ValueError(f"split must be a module name, 'input' or 'auto', got {self.split!r}")
+        if self.trunk not in TRUNKS:
+            raise ValueError(f"trunk must be one of {TRUNKS}, got {self.trunk!r}")
+        if not isinstance(self.refit, bool):
+            raise ValueError(f"refit must be True or False, got {self.refit!r}")
+        if not isinstance(self.max_parity_cost, int | float) or not self.max_parity_cost >= 1:
+            raise ValueError(f"max_parity_cost must be >= 1 (one model's FLOPs), got {self.max_parity_cost!r}")
+        if self.alphas is not None:
+            a = list(self.alphas) if isinstance(self.alphas, Sequence) else [self.alphas]
+            if not a or not all(isinstance(v, int | float) and not math.isnan(v) and v >= 0 for v in a):
+                raise ValueError(
+                    f"alphas (ridge strengths) must be non-negative numbers (inf: copy the head), got {self.alphas!r}"
+                )
+        if self.refit_depth is not None and (
+            not isinstance(self.refit_depth, int) or isinstance(self.refit_depth, bool) or self.refit_depth < 1
+        ):
+            raise ValueError(f"refit_depth must be a positive count or None (all), got {self.refit_depth!r}")
+        if not isinstance(self.holdout, int | float) or not 0 < self.holdout < 1:
+            raise ValueError(f"holdout must be a fraction in (0, 1), got {self.holdout!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.num_samples is not None and (not isinstance(self.num_samples, int) or self.num_samples < 1):
+            raise ValueError(f"num_samples must be a positive count or None, got {self.num_samples!r}")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ValueError(f"batch_size must be a positive count or None, got {self.batch_size!r}")
+        if not isinstance(self.eps, int | float) or self.eps < 0:
+            raise ValueError(f"eps must be >= 0, got {self.eps!r}")
+
+
+# --------------------------------------------------------------------------- refit
+def _call_order(head: nn.Module, h: torch.Tensor) -> list[tuple[str, nn.Module]]:
+    """The head's modules holding parameters, in the order it first calls them on ``h``."""
+    order: list[tuple[str, nn.Module]] = []
+    seen: set[int] = set()
+
+    def note(name):
+        def hook(mod, args):
+            if id(mod) not in seen:
+                seen.add(id(mod))
+                order.append((name, mod))
+
+        return hook
+
+    hooks = [
+        m.register_forward_pre_hook(note(n))
+        for n, m in head.named_modules()
+        if n and any(True for _ in m.parameters(recurse=False))
+    ]
+    try:
+        with torch.no_grad():
+            head(h[:1])
+    finally:
+        for hk in hooks:
+            hk.remove()
+    if not order:
+        raise SplitError("the head has no layer with parameters to refit")
+    return order
+
+
+def _refit_names(head: nn.Module, h: torch.Tensor, depth: int | None) -> list[str]:
+    """The layers to refit: the first one (which must be refittable), then the
+    next refittable ones in call order up to ``depth`` in all (None: all)."""
+    order = _call_order(head, h)
+    _check_refittable(*order[0])
+    names = [n for n, m in order if isinstance(m, nn.Linear | nn.Conv2d) and _refittable(m)]
+    return names if depth is None else names[:depth]
+
+
+def _layer_io(layer: nn.Module, head: nn.Module, h: torch.Tensor, batch: int = 256):
+    """Inputs and outputs of ``layer`` when ``head`` runs on ``h`` (eval mode)."""
+    ins, outs = [], []
+
+    def hook(mod, args, out):  # clone: an in-place activation next would overwrite them
+        ins.append(args[0].detach().clone())
+        outs.append(out.detach().clone())
+
+    hk = layer.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            for s in range(0, len(h), batch):
+                head(h[s : s + batch])
+    finally:
+        hk.remove()
+    return torch.cat(ins), torch.cat(outs)
+
+
+def _design(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """Rows of the regression: features (Linear) or unfolded patches (Conv2d),
+    plus a ones column where the layer has a bias."""
+    if isinstance(layer, nn.Linear):
+        x = a.reshape(-1, a.shape[-1])
+    else:
+        cols = F.unfold(a, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # (N, D, L)
+        x = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    x = x.double()
+    if layer.bias is None:
+        return x
+    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+
+
+def _targets(layer: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, nn.Linear):
+        return out.reshape(-1, out.shape[-1]).double()
+    return out.flatten(2).transpose(1, 2).reshape(-1, out.shape[1]).double()
+
+
+def _weight_matrix(layer: nn.Module) -> torch.Tensor:
+    """The weight as a matrix over the design columns: (out, D), or (out, D + 1) with the bias last."""
+    w = layer.weight.detach().reshape(layer.weight.shape[0], -1).double()
+    if layer.bias is None:
+        return w
+    return torch.cat([w, layer.bias.detach().double()[:, None]], 1)
+
+
+def _refittable(layer: nn.Module) -> bool:
+    try:
+        _check_refittable("", layer)
+    except SplitError:
+        return False
+    return True
+
+
+def _check_refittable(name: str, layer: nn.Module) -> None:
+    if isinstance(layer, nn.Linear):
+        return
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            raise SplitError(f"cannot refit head layer {name!r}: grouped convolution (groups={layer.groups})")
+        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            raise SplitError(f"cannot refit head layer {name!r}: padding {layer.padding!r}/{layer.padding_mode!r}")
+        return
+    raise SplitError(
+        f"cannot refit head layer {name!r}: it is a {type(layer).__name__}; refit supports nn.Linear "
+        "and nn.Conv2d as a head's first layer (choose another split or refit=False)"
+    )
+
+
+@dataclass
+class _RefitStats:
+    """Sufficient statistics of one head's ridge problem."""
+
+    gram: torch.Tensor  # (D+1, D+1) XᵀX over merged features
+    cross: torch.Tensor  # (D+1, out) XᵀT
+    w0: torch.Tensor  # (out, D+1) original weights
+    scale: float  # mean diagonal of the gram
+
+
+def _stats(layer: nn.Module, a_in: torch.Tensor, t_out: torch.Tensor) -> _RefitStats:
+    x = _design(layer, a_in)
+    gram = x.T @ x
+    return _RefitStats(gram, x.T @ _targets(layer, t_out), _weight_matrix(layer), float(gram.diagonal().mean()))
+
+
+def _own_outputs(head: nn.Module, h_own: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Each named layer's output when the model's own head runs on its own features."""
+    mods = dict(head.named_modules())
+    outs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    hooks = [
+        mods[n].register_forward_hook(lambda mod, args, out, n=n: outs[n].append(out.detach().clone()))
+        for n in names
+    ]
+    try:
+        with torch.no_grad():
+            for s in range(0, len(h_own), 256):
+                head(h_own[s : s + 256])
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return {n: torch.cat(v) for n, v in outs.items()}
+
+
+def _fit_head(
+    head: nn.Module,
+    h_merged: torch.Tensor,
+    targets: Mapping[str, torch.Tensor],
+    names: Sequence[str],
+    alpha: float,
+    first: _RefitStats | None = None,
+) -> nn.Module:
+    """A copy of ``head`` whose layers ``names`` are refit in call order: each
+    layer's input is what the (already refit) copy feeds it on the merged
+    features, its target the original layer's output on the model's own."""
+    head = copy.deepcopy(head)
+    if not math.isfinite(alpha):
+        return head
+    mods = dict(head.named_modules())
+    for li, name in enumerate(names):
+        layer = mods[name]
+        if li == 0 and first is not None:
+            st = first
+        else:
+            a_in, _ = _layer_io(layer, head, h_merged)
+            st = _stats(layer, a_in, targets[name])
+        refit_layer(layer, st, alpha)
+    return head
+
+
+def _refit_stats(layer_name: str, head_i: nn.Module, h_merged: torch.Tensor, h_own: torch.Tensor) -> _RefitStats:
+    """Ridge statistics of one layer: its input on the merged features, its
+    output on the model's own features (both through ``head_i`` as it is)."""
+    layer = dict(head_i.named_modules())[layer_name]
+    _check_refittable(layer_name, layer)
+    a_merged, _ = _layer_io(layer, head_i, h_merged)
+    _, t_own = _layer_io(layer, head_i, h_own)
+    return _stats(layer, a_merged, t_own)
+
+
+def refit_layer(layer: nn.Module, stats: _RefitStats, alpha: float) -> None:
+    """Set ``layer``'s weight (and bias) to the ridge solution at strength ``alpha``."""
+    lam = alpha * max(stats.scale, 1e-12)
+    d = stats.gram.shape[0]
+    a = stats.gram + lam * torch.eye(d, dtype=stats.gram.dtype)
+    rhs = stats.cross + lam * stats.w0.T
+    w = torch.linalg.solve(a, rhs).T  # (out, D) or (out, D + 1)
+    d_w = layer.weight[0].numel()
+    with torch.no_grad():
+        layer.weight.copy_(w[:, :d_w].reshape(layer.weight.shape).to(layer.weight.dtype))
+        if layer.bias is not None:
+            layer.bias.copy_(w[:, d_w].to(layer.bias.dtype))
+
+
+def _score(pc: torch.Tensor, probs: torch.Tensor, row: Sequence[float]) -> tuple[float, float]:
+    """(reconstruction agreement, −mean L1 error) of single erasures decoded
+    from this parity's output ``pc`` (V, C) and the data outputs ``probs`` (k, V, C)."""
+    w = torch.tensor([float(v) for v in row], dtype=probs.dtype)
+    mix = torch.einsum("k,kvc->vc", w, probs)
+    agree, err, n = 0.0, 0.0, 0
+    for j in range(len(row)):
+        if row[j] <= 0:
+            continue
+        rec = (pc - (mix - w[j] * probs[j])) / w[j]
+        agree += float((rec.argmax(-1) == probs[j].argmax(-1)).float().mean())
+        err += float((rec - probs[j]).abs().sum(-1).mean())
+        n += 1
+    return agree / n, -err / n
+
+
+def encode_heads(
+    models: Sequence[nn.Module],
+    rows: Sequence[Sequence[float]],
+    x: torch.Tensor,
+    merged: Sequence[nn.Module],
+    opts: HeadsOptions,
+) -> tuple[list[HeadsParity], dict[str, Any]]:
+    """Build one :class:`HeadsParity` per row of ``rows`` on the merged models
+    ``merged`` (one per row, BatchNorm already recomputed); the split and α are
+    chosen on a held-out slice of ``x``, then the heads are refit on all of ``x``.
+    Returns the parities and their info."""
+    k = len(models)
+    n_val = max(1, int(round(opts.holdout * len(x))))
+    if len(x) - n_val < 1:
+        raise CalibrationError(
+            f"holdout={opts.holdout} of {len(x)} calibration inputs leaves none to fit the heads on; "
+            "give more calibration inputs or a smaller holdout"
+        )
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(opts.seed))
+    x_fit, x_val = x[perm[n_val:]], x[perm[:n_val]]
+    models = [_eval_copy(m) for m in models]  # never touch the caller's models (modes, BN statistics)
+    alphas = list(DEFAULT_ALPHAS) if opts.alphas is None else _as_list(opts.alphas)
+    model_flops = count_flops(models[0], x[:1])
+    if model_flops <= 0:
+        raise SplitError("the data model has no matrix products or convolutions to count: parity_cost is undefined")
+    with torch.no_grad():
+        probs_val = torch.stack([torch.softmax(m(x_val), -1) for m in models]).double()
+    n_heads = max(sum(1 for w in row if w > 0) for row in rows)
+    splits = _choose_splits(models[0], opts.split, n_heads, x, model_flops, opts)
+    samples = 0  # samples through a trunk or a head, for the info
+    tried: list[dict[str, Any]] = []
+    parities: list[HeadsParity] = []
+    for ri, (row, mgd) in enumerate(zip(rows, merged, strict=True)):
+        members = [i for i in range(k) if row[i] > 0]
+        weights = [row[i] for i in members]
+        best = None
+        for split, cost in splits:
+            refit = opts.refit and split != INPUT  # at the input the features are the model's own
+            fitted = _Fitted(models, members, mgd, split, x_fit, refit, opts.refit_depth)
+            samples += len(x_fit) * (1 + 2 * len(members)) + len(x_val)
+            for alpha in alphas if refit else [math.inf]:
+                heads = fitted.heads(alpha)
+                with torch.no_grad():
+                    hm_val = fitted.trunk(x_val)
+                    logp = torch.stack([F.log_softmax(hd(hm_val), -1) for hd in heads])
+                    w = torch.tensor(weights, dtype=logp.dtype)
+                    pc = torch.exp(torch.logsumexp(logp + torch.log(w / w.sum())[:, None, None], 0)).double()
+                agree, neg_err = _score(pc, probs_val, row)
+                a_rec = None if not math.isfinite(alpha) else alpha
+                tried.append({"row": ri, "split": split, "alpha": a_rec, "parity_cost": cost, "heldout_recon": agree})
+                key = (agree, neg_err, -cost)
+                if best is None or key > best[0]:
+                    best = (key, split, alpha, refit)
+        assert best is not None
+        _, split, alpha, refit = best
+        final = _Fitted(models, members, mgd, split, x, refit, opts.refit_depth)
+        samples += len(x) * (1 + 2 * len(members))
+        par = HeadsParity(final.trunk, final.heads(alpha), weights, members, split).eval()
+        par.meta = {
+            "trunk": opts.trunk,
+            "parity_cost": count_flops(par, x[:1]) / model_flops,
+            "refit_layers": final.names if refit and math.isfinite(alpha) else [],
+            "alpha": None if not math.isfinite(alpha) else alpha,
+        }
+        parities.append(par)
+    info = {
+        "split": [p.split for p in parities],
+        "alpha": [p.meta["alpha"] for p in parities],
+        "refit_layers": [p.meta["refit_layers"] for p in parities],
+        "parity_cost": max(p.meta["parity_cost"] for p in parities),
+        "parity_costs": [p.meta["parity_cost"] for p in parities],
+        "split_candidates": [s for s, _ in splits],
+        "tried": tried,
+        "heads_forward_samples": samples,
+        "heldout_samples": n_val,
+    }
+    return parities, info
+
+
+def _eval_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).eval()
+
+
+def _as_list(v) -> list[float]:
+    return [float(a) for a in v] if isinstance(v, Sequence) else [float(v)]
+
+
+class _Fitted:
+    """One split's pieces for one parity row: the merged trunk, each member's
+    original head, the refit targets, and the first layer's ridge statistics
+    (shared by every α)."""
+
+    def __init__(self, models, members, merged, split, x, refit: bool, depth: int | None):
+        self.trunk = split_model(merged, split)[0].eval()
+        with torch.no_grad():
+            self.h_merged = self.trunk(x)
+        self.orig, self.targets, self.first = [], [], []
+        self.names: list[str] = []
+        for n, i in enumerate(members):
+            t_i, h_i = split_model(models[i], split)
+            h_i.eval()
+            self.orig.append(h_i)
+            if not refit:
+                continue
+            with torch.no_grad():
+                h_own = t_i.eval()(x)
+            if n == 0:
+                self.names = _refit_names(h_i, self.h_merged, depth)
+            self.targets.append(_own_outputs(h_i, h_own, self.names))
+            layer = dict(h_i.named_modules())[self.names[0]]
+            a_in, _ = _layer_io(layer, h_i, self.h_merged)
+            self.first.append(_stats(layer, a_in, self.targets[-1][self.names[0]]))
+        self.refit = refit
+
+    def heads(self, alpha: float) -> list[nn.Module]:
+        if not self.refit or not math.isfinite(alpha):
+            return [copy.deepcopy(h) for h in self.orig]
+        return [
+            _fit_head(h, self.h_merged, t, self.names, alpha, first=f)
+            for h, t, f in zip(self.orig, self.targets, self.first, strict=True)
+        ]
+
+
+def _choose_splits(
+    model: nn.Module, split: str, k: int, x: torch.Tensor, model_flops: int, opts: HeadsOptions
+) -> list[tuple[str, float]]:
+    """[(split, parity_cost)] to try: the given split, or every candidate whose cost fits."""
+
+    def cost(s: str) -> float:
+        trunk, head = split_model(model, s)
+        with torch.no_grad():
+            h = trunk.eval()(x[:1])
+        return (count_flops(trunk, x[:1]) + k * count_flops(head, h)) / model_flops
+
+    if split != "auto":
+        return [(split, cost(split))]
+    out = []
+    for s in split_candidates(model):
+        if s == INPUT and k > opts.max_parity_cost:
+            continue
+        c = cost(s)
+        if c > opts.max_parity_cost + 1e-9:
+            continue
+        if opts.refit and s != INPUT:
+            trunk, head = split_model(model, s)
+            with torch.no_grad():
+                h = trunk.eval()(x[:1])
+            _, layer = _call_order(head.eval(), h)[0]
+            if not _refittable(layer):
+                continue  # a head starting with BatchNorm etc. cannot be refit
+        out.append((s, c))
+    if not out:
+        raise SplitError(
+            f"no split point of {type(model).__name__} fits max_parity_cost={opts.max_parity_cost} "
+            f"with k={k} heads; raise max_parity_cost"
+        )
+    return out
+
+
+def _check_split(model: nn.Module, split: str) -> None:
+    """Fail fast (before any Fisher pass) on a split that cannot work."""
+    if split == "auto":
+        split_candidates(model)  # traces; raises a named SplitError if it cannot
+    else:
+        split_model(model, split)
+
+
+# --------------------------------------------------------------------------- the encoder
+@register("heads", HeadsOptions)
+def _heads(models, code, x, y, opts: HeadsOptions):
+    """Merged trunk + each data model's own head, first head layer refit in closed form."""
+    opts.validate()
+    _check_split(models[0], opts.split)
+    n = len(x) if opts.num_samples is None else min(opts.num_samples, len(x))
+    if n < 2:
+        raise CalibrationError(f"the heads encoder needs at least 2 calibration inputs, got {n}")
+    x = x[:n]
+    y = None if y is None else y[:n]
+    if opts.trunk == "coin":
+        merged, info = coin_merge(models, code.weights, x, y, opts)
+    else:
+        merged = [weighted_average(models, row) for row in code.weights]
+        info = {"calibration_samples": n, "forward_passes": 0, "backward_passes": 0}
+    for m, row in zip(merged, code.weights, strict=True):
+        _finish_buffers(m, models, row, x, "recompute")
+    info["forward_passes"] += code.r * n
+    parities, hinfo = encode_heads(models, code.weights, x, merged, opts)
+    info["forward_passes"] += hinfo.pop("heads_forward_samples")
+    info.update(hinfo)
+    return parities, info
