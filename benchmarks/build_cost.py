@@ -98,7 +98,9 @@ def bench(arch: str, repeats: int = 1) -> list[dict]:
                 "split": res.info.get("split", [None])[0],
             }
         )
-        print(f"{arch:9s} {label:28s} {min(secs):8.2f} s  parity cost {rows[-1]['parity_cost']:.3f}", flush=True)
+        print(
+            f"{arch:9s} {label:28s} {min(secs):8.2f} s  parity cost {rows[-1]['parity_cost']:.3f}", flush=True
+        )
     return rows
 
 

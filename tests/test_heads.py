@@ -242,12 +242,12 @@ def test_a_head_starting_with_batchnorm_cannot_be_refit_and_says_so():
     "opts,words",
     [
         ({"split": "fc9"}, "not a module of LeNet5"),
-        ({"alphas": [-1.0]}, "non-negative"),
-        ({"max_parity_cost": 0.5}, "max_parity_cost must be >= 1"),
-        ({"trunk": "mean"}, "trunk must be one of"),
-        ({"holdout": 1.5}, "holdout must be a fraction"),
-        ({"estimator": "exakt"}, "estimator must be one of"),
-        ({"split": "conv1", "max_parity_cost": 3, "num_samples": 0}, "num_samples must be a positive"),
+        ({"alphas": [-1.0]}, "non-negative ridge strengths"),
+        ({"max_parity_cost": 0.5}, "max_parity_cost. must be a number >= 1"),
+        ({"trunk": "mean"}, "trunk. must be one of"),
+        ({"holdout": 1.5}, "holdout. must be a fraction"),
+        ({"estimator": "exakt"}, "estimator. must be one of"),
+        ({"split": "conv1", "max_parity_cost": 3, "num_samples": 0}, "num_samples. must be an integer >= 1"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(monkeypatch, opts, words):

@@ -139,7 +139,9 @@ class Bundle:
             return None
         r = int(manifest["code"]["r"])
         if not isinstance(parities, list) or len(parities) != r:
-            raise BundleError(f"manifest field 'parities' must be a list of r = {r} entries, got {parities!r}")
+            raise BundleError(
+                f"manifest field 'parities' must be a list of r = {r} entries, got {parities!r}"
+            )
         st = parities[index - k]
         if st is None:
             return None
@@ -157,11 +159,16 @@ class Bundle:
                 f"{[round(float(v), 6) for v in row]} (expected {expect})"
             )
         bad = [
-            (i, w) for i, w in zip(members, weights, strict=True)
-            if not isinstance(w, int | float) or not math.isfinite(float(w)) or abs(float(w) - float(row[i])) > 1e-6
+            (i, w)
+            for i, w in zip(members, weights, strict=True)
+            if not isinstance(w, int | float)
+            or not math.isfinite(float(w))
+            or abs(float(w) - float(row[i])) > 1e-6
         ]
         if bad:
-            raise BundleError(f"manifest parity {index - k}: mixture weights {weights} differ from the code's row")
+            raise BundleError(
+                f"manifest parity {index - k}: mixture weights {weights} differ from the code's row"
+            )
         return dict(st)
 
     @staticmethod
@@ -264,7 +271,8 @@ class Bundle:
                     f"{manifest['files'][name][:12]}…"
                 )
         models = [
-            load_model(arch, path / name, cls.parity_structure(manifest, i)) for i, name in enumerate(expected)
+            load_model(arch, path / name, cls.parity_structure(manifest, i))
+            for i, name in enumerate(expected)
         ]
         return cls(
             architecture=arch,

@@ -32,14 +32,23 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coinfer.encoders import _finish_buffers, coin_merge, register, weighted_average
+from coinfer.encoders import (
+    CoinOptions,
+    _expect,
+    _finish_buffers,
+    _is_int,
+    _is_real,
+    coin_merge,
+    register,
+    weighted_average,
+)
 from coinfer.errors import CalibrationError, SplitError
 from coinfer.split import INPUT, count_flops, split_candidates, split_model
 
@@ -108,7 +117,9 @@ class HeadsParity(nn.Module):
         have = torch.exp(self.log_weights.double())
         want = torch.as_tensor([float(v) for v in weights], dtype=torch.float64)
         if have.shape != want.shape or not torch.allclose(have, want / want.sum(), atol=tol, rtol=0):
-            raise SplitError(f"parity mixture weights {have.tolist()} differ from the expected {want.tolist()}")
+            raise SplitError(
+                f"parity mixture weights {have.tolist()} differ from the expected {want.tolist()}"
+            )
 
 
 def build_parity(model: nn.Module, structure: Mapping[str, Any]) -> HeadsParity:
@@ -157,42 +168,53 @@ class HeadsOptions:
     backend: str = "auto"  #: Fisher backend: auto | layers | vmap | loop
     seed: int = 0
     progress: bool | None = None
-    coin: dict = field(default_factory=dict)  #: unused; kept for symmetry with distill
 
-    def validate(self) -> None:
-        """Refuse bad values before any work, naming the option."""
-        from coinfer.fisher import BACKENDS, ESTIMATORS
-
-        if not isinstance(self.split, str) or not self.split:
-            raise ValueError(f"split must be a module name, 'input' or 'auto', got {self.split!r}")
-        if self.trunk not in TRUNKS:
-            raise ValueError(f"trunk must be one of {TRUNKS}, got {self.trunk!r}")
-        if not isinstance(self.refit, bool):
-            raise ValueError(f"refit must be True or False, got {self.refit!r}")
-        if not isinstance(self.max_parity_cost, int | float) or not self.max_parity_cost >= 1:
-            raise ValueError(f"max_parity_cost must be >= 1 (one model's FLOPs), got {self.max_parity_cost!r}")
-        if self.alphas is not None:
-            a = list(self.alphas) if isinstance(self.alphas, Sequence) else [self.alphas]
-            if not a or not all(isinstance(v, int | float) and not math.isnan(v) and v >= 0 for v in a):
-                raise ValueError(
-                    f"alphas (ridge strengths) must be non-negative numbers (inf: copy the head), got {self.alphas!r}"
+    def validate(self, method: str = "heads") -> None:
+        """Refuse values outside the declared ranges before any work, naming the option."""
+        _expect(
+            method,
+            "split",
+            self.split,
+            isinstance(self.split, str) and bool(self.split),
+            "a module name, 'input' or 'auto'",
+        )
+        _expect(method, "trunk", self.trunk, self.trunk in TRUNKS, f"one of {TRUNKS}")
+        _expect(method, "refit", self.refit, isinstance(self.refit, bool), "True or False")
+        d = self.refit_depth
+        _expect(
+            method, "refit_depth", d, d is None or (_is_int(d) and d >= 1), "an integer >= 1 or None (all)"
+        )
+        c = self.max_parity_cost
+        _expect(method, "max_parity_cost", c, _is_real(c) and c >= 1, "a number >= 1 (one model's FLOPs)")
+        a = self.alphas
+        vals = list(a) if isinstance(a, Sequence) and not isinstance(a, str) else [a]
+        _expect(
+            method,
+            "alphas",
+            a,
+            a is None
+            or (
+                bool(vals)
+                and all(
+                    isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(v) and v >= 0
+                    for v in vals
                 )
-        if self.refit_depth is not None and (
-            not isinstance(self.refit_depth, int) or isinstance(self.refit_depth, bool) or self.refit_depth < 1
-        ):
-            raise ValueError(f"refit_depth must be a positive count or None (all), got {self.refit_depth!r}")
-        if not isinstance(self.holdout, int | float) or not 0 < self.holdout < 1:
-            raise ValueError(f"holdout must be a fraction in (0, 1), got {self.holdout!r}")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.num_samples is not None and (not isinstance(self.num_samples, int) or self.num_samples < 1):
-            raise ValueError(f"num_samples must be a positive count or None, got {self.num_samples!r}")
-        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
-            raise ValueError(f"batch_size must be a positive count or None, got {self.batch_size!r}")
-        if not isinstance(self.eps, int | float) or self.eps < 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps!r}")
+            ),
+            "None or non-negative ridge strengths (inf: copy the head)",
+        )
+        h = self.holdout
+        _expect(method, "holdout", h, _is_real(h) and 0 < h < 1, "a fraction in (0, 1)")
+        # the COIN options of the trunk; buffers are always recomputed for the merged trunk
+        CoinOptions(
+            estimator=self.estimator,
+            num_samples=self.num_samples,
+            eps=self.eps,
+            normalize=self.normalize,
+            batch_size=self.batch_size,
+            backend=self.backend,
+            seed=self.seed,
+            progress=self.progress,
+        ).validate(method)
 
 
 # --------------------------------------------------------------------------- refit
@@ -295,7 +317,9 @@ def _check_refittable(name: str, layer: nn.Module) -> None:
         if layer.groups != 1:
             raise SplitError(f"cannot refit head layer {name!r}: grouped convolution (groups={layer.groups})")
         if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-            raise SplitError(f"cannot refit head layer {name!r}: padding {layer.padding!r}/{layer.padding_mode!r}")
+            raise SplitError(
+                f"cannot refit head layer {name!r}: padding {layer.padding!r}/{layer.padding_mode!r}"
+            )
         return
     raise SplitError(
         f"cannot refit head layer {name!r}: it is a {type(layer).__name__}; refit supports nn.Linear "
@@ -316,7 +340,9 @@ class _RefitStats:
 def _stats(layer: nn.Module, a_in: torch.Tensor, t_out: torch.Tensor) -> _RefitStats:
     x = _design(layer, a_in)
     gram = x.T @ x
-    return _RefitStats(gram, x.T @ _targets(layer, t_out), _weight_matrix(layer), float(gram.diagonal().mean()))
+    return _RefitStats(
+        gram, x.T @ _targets(layer, t_out), _weight_matrix(layer), float(gram.diagonal().mean())
+    )
 
 
 def _own_outputs(head: nn.Module, h_own: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -363,7 +389,9 @@ def _fit_head(
     return head
 
 
-def _refit_stats(layer_name: str, head_i: nn.Module, h_merged: torch.Tensor, h_own: torch.Tensor) -> _RefitStats:
+def _refit_stats(
+    layer_name: str, head_i: nn.Module, h_merged: torch.Tensor, h_own: torch.Tensor
+) -> _RefitStats:
     """Ridge statistics of one layer: its input on the merged features, its
     output on the model's own features (both through ``head_i`` as it is)."""
     layer = dict(head_i.named_modules())[layer_name]
@@ -427,7 +455,9 @@ def encode_heads(
     alphas = list(DEFAULT_ALPHAS) if opts.alphas is None else _as_list(opts.alphas)
     model_flops = count_flops(models[0], x[:1])
     if model_flops <= 0:
-        raise SplitError("the data model has no matrix products or convolutions to count: parity_cost is undefined")
+        raise SplitError(
+            "the data model has no matrix products or convolutions to count: parity_cost is undefined"
+        )
     with torch.no_grad():
         probs_val = torch.stack([torch.softmax(m(x_val), -1) for m in models]).double()
     n_heads = max(sum(1 for w in row if w > 0) for row in rows)
@@ -452,7 +482,9 @@ def encode_heads(
                     pc = torch.exp(torch.logsumexp(logp + torch.log(w / w.sum())[:, None, None], 0)).double()
                 agree, neg_err = _score(pc, probs_val, row)
                 a_rec = None if not math.isfinite(alpha) else alpha
-                tried.append({"row": ri, "split": split, "alpha": a_rec, "parity_cost": cost, "heldout_recon": agree})
+                tried.append(
+                    {"row": ri, "split": split, "alpha": a_rec, "parity_cost": cost, "heldout_recon": agree}
+                )
                 key = (agree, neg_err, -cost)
                 if best is None or key > best[0]:
                     best = (key, split, alpha, refit)
@@ -574,8 +606,7 @@ def _check_split(model: nn.Module, split: str) -> None:
 @register("heads", HeadsOptions)
 def _heads(models, code, x, y, opts: HeadsOptions):
     """Merged trunk + each data model's own head, first head layer refit in closed form."""
-    opts.validate()
-    _check_split(models[0], opts.split)
+    _check_split(models[0], opts.split)  # encode() has validated the options
     n = len(x) if opts.num_samples is None else min(opts.num_samples, len(x))
     if n < 2:
         raise CalibrationError(f"the heads encoder needs at least 2 calibration inputs, got {n}")

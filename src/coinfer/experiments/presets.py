@@ -120,6 +120,7 @@ _N_EPS = {"calibration": "calibration_sizes", "eps": "coin_eps"}
 _DISTILL = {"lr": cfg("distill_lr"), "batch_size": cfg("distill_batch_size")}
 _COIN_EXACT = {"estimator": "exact", "seed": SEED, "backend": cfg("fisher_backend"), "progress": PROGRESS}
 _COIN_DISTILL = {"calibration": "max_calibration", "epochs": "coin_distill_epochs"}
+_HEADS = {"split": "heads_splits", "calibration": "calibration_sizes"}
 
 # fmt: off
 #: Method families an experiment can run (``ExperimentConfig.methods``).
@@ -149,6 +150,15 @@ PRESETS: dict[str, Preset] = {
     "coin+distill-train": Preset("distill", {**_DISTILL, "init": "coin", "coin": _COIN_EXACT,
                                              "train_inputs": POOL}, _COIN_DISTILL,
                                  "COIN (exact) then distillation on the pool's inputs"),
+    "heads": Preset("heads", {"trunk": "average"}, _HEADS,
+                    "merged trunk (w-average) + each model's head, first head layer ridge-refit"),
+    "heads-coin": Preset("heads", {"trunk": "coin", "estimator": "exact"}, _HEADS,
+                         "merged trunk (COIN, exact Fisher) + each model's head, first head layer ridge-refit"),
+    "heads-copy": Preset("heads", {"trunk": "average", "refit": False}, _HEADS,
+                         "merged trunk (w-average) + each model's head copied (no refit)"),
+    "heads-1.5": Preset("heads", {"trunk": "average", "split": "auto", "max_parity_cost": 1.5},
+                        {"calibration": "calibration_sizes"},
+                        "heads with split=auto under a parity cost of 1.5 instead of 1.25"),
     "base": Preset("base", control=True,
                    description="control: the common initialisation as the coded model (zero cost)"),
     "substitute": Preset("substitute", control=True,
@@ -158,6 +168,9 @@ PRESETS: dict[str, Preset] = {
 # fmt: on
 
 DEFAULT_METHODS: list[str] = [
+    "heads",
+    "heads-coin",
+    "heads-copy",
     "coin-exact",
     "coin-sampled",
     "coin-empirical",
