@@ -142,3 +142,27 @@ def test_every_command_has_help():
         res = subprocess.run(args, capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr
         assert "Usage" in res.stdout
+
+
+def test_encode_a_heads_parity_inspect_shows_its_cost_and_predict_decodes_it(
+    monkeypatch, capsys, tmp_path, checkpoints
+):
+    paths, calib = checkpoints
+    out = tmp_path / "heads"
+    args = encode_args(paths, calib, out, "--method", "heads", "--option", "split=auto")
+    code, stdout, err = run_cli(monkeypatch, capsys, *args, "--option", "max_parity_cost=1.5")
+    assert code == 0, err
+    assert "parity cost" in stdout
+    b = Bundle.load(out)
+    st = b.manifest["parities"][0]
+    assert b.encoder["method"] == "heads" and st["kind"] == "heads"
+    code, stdout, err = run_cli(monkeypatch, capsys, "inspect", out)
+    assert code == 0, err
+    assert f"parity cost {st['parity_cost']:.3f}" in stdout and f"split {st['split']!r}" in stdout
+    x = tmp_path / "x.npy"
+    np.save(x, np.random.default_rng(2).normal(size=(4, 12)).astype(np.float32))
+    code, stdout, err = run_cli(monkeypatch, capsys, "predict", out, "--input", x, "--missing", "1", "--json")
+    assert code == 0, err
+    res = json.loads(stdout)
+    want = b.code.decode(b.predict(torch.from_numpy(np.load(x)), [0, 2, 3]), project=True)
+    np.testing.assert_allclose(res["outputs"][1]["probabilities"], want[1].numpy(), atol=1e-6)

@@ -31,5 +31,15 @@ def test_demo_trains_encodes_and_measures_every_erasure(tmp_path):
     assert res["methods"]["coin"]["coded_tv"][0] == pytest.approx(0.314, abs=TOL)
     assert res["methods"]["coin"]["coded_tv"][0] < res["methods"]["base (control)"]["coded_tv"][0] - 0.05
     assert coin[1]["reconstruction_acc_task"] > base[1]["reconstruction_acc_task"] + 0.1
+    # the heads parity (merged trunk + each model's refit last layer) reconstructs the erased
+    # model's own answer almost always, where every weight-space parity manages about 0.6
+    heads = rows["heads"]
+    assert [heads[j]["reconstruction_acc"] for j in (0, 1)] == pytest.approx([0.991, 0.996], abs=TOL)
+    assert min(heads[j]["reconstruction_acc"] for j in (0, 1)) > max(
+        coin[j]["reconstruction_acc"] for j in (0, 1)
+    ) + 0.25
+    assert res["methods"]["heads"]["coded_tv"][0] < 0.05
+    assert res["methods"]["heads"]["parity_cost"] == pytest.approx(1280 / 9472 + 1)  # the 64 -> 10 head
     b = Bundle.load(res["bundle"])
-    assert b.encoder["method"] == "coin" and (b.code.k, b.code.r) == (2, 1)
+    assert b.encoder["method"] == "heads" and (b.code.k, b.code.r) == (2, 1)
+    assert b.manifest["parities"][0]["split"] == "net.3"

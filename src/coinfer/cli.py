@@ -277,8 +277,8 @@ def demo(
         ),
     ] = True,
 ) -> None:
-    """Train k=2 models on bundled digits, encode COIN and average parities, evaluate erasures,
-    then serve the bundle on local Ray under injected stragglers and a killed worker."""
+    """Train k=2 models on bundled digits, encode heads, COIN and average parities, evaluate
+    erasures, then serve the heads bundle on local Ray under injected stragglers and a killed worker."""
     from coinfer.experiments.demo import run_demo
 
     console.print("[bold]coinfer demo[/]: digits (scikit-learn), k=2 class-split models, r=1 parity")
@@ -291,6 +291,8 @@ def demo(
         "decoded task acc",
         "reconstruction acc",
         "TV to true",
+        "build s",
+        "parity cost",
     )
     for name, m in res["methods"].items():
         for row in m["rows"]:
@@ -304,6 +306,8 @@ def demo(
                 f"{row['decoded_task_acc']:.3f}",
                 f"{row['reconstruction_acc']:.3f}",
                 f"{row['tv']:.3f}",
+                f"{m.get('build_seconds', 0.0):.2f}",
+                f"{m.get('parity_cost', 1.0):.2f}",
             )
     console.print(t)
     tv = ", ".join(f"{n}: {m['coded_tv'][0]:.3f}" for n, m in res["methods"].items())
