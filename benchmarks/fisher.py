@@ -4,8 +4,9 @@
 
 Prints a table of samples/second for each architecture, estimator and backend
 (``layers``: layer-wise contractions; ``vmap``: torch.func per-sample
-gradients; ``loop``: per-sample autograd), plus a sweep of the chunk size of
-both batched backends, and writes JSON.
+gradients; ``loop``: per-sample autograd), the speed of the one-gradient
+estimators (``sampled``, ``empirical``) relative to ``exact`` on each backend,
+plus a sweep of the chunk size of both batched backends, and writes JSON.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def main() -> None:
         "platform": platform.platform(),
         "torch": torch.__version__,
         "processor": platform.processor(),
+        "load_average_at_end": os.getloadavg(),
     }
     print(
         "\n| arch | estimator | layers samples/s | vmap samples/s | loop samples/s "
@@ -114,6 +116,25 @@ def main() -> None:
             f"{r['vmap_samples_per_s']:.1f} | {r['loop_samples_per_s']:.1f} | "
             f"{r['layers_speedup']:.1f}x | {r['vmap_speedup']:.1f}x |"
         )
+    ratios = []
+    for arch in args.archs.split(","):
+        by_est = {r["estimator"]: r for r in rows if r["arch"] == arch}
+        for backend in ("layers", "vmap", "loop"):
+            exact = by_est["exact"][f"{backend}_samples_per_s"]
+            ratios.append(
+                {
+                    "arch": arch,
+                    "backend": backend,
+                    "sampled_over_exact": by_est["sampled"][f"{backend}_samples_per_s"] / exact,
+                    "empirical_over_exact": by_est["empirical"][f"{backend}_samples_per_s"] / exact,
+                }
+            )
+    print("\n| arch | backend | sampled / exact | empirical / exact |\n|---|---|---:|---:|")
+    for r in ratios:
+        print(
+            f"| {r['arch']} | {r['backend']} | {r['sampled_over_exact']:.1f}x | "
+            f"{r['empirical_over_exact']:.1f}x |"
+        )
     print("\n| arch | backend | chunk | exact samples/s | sampled samples/s |\n|---|---|---:|---:|---:|")
     for s in sweep:
         print(
@@ -121,7 +142,9 @@ def main() -> None:
             f"{s['sampled_samples_per_s']:.1f} |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine, "estimators": rows, "chunk_sweep": sweep}, indent=2))
+    args.out.write_text(
+        json.dumps({"machine": machine, "estimators": rows, "ratios": ratios, "chunk_sweep": sweep}, indent=2)
+    )
     print(f"\nwrote {args.out}")
 
 

@@ -4,8 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+import coinfer.fisher as fisher_mod
+import coinfer.fisher_layers as fl
 from coinfer import CalibrationError, diagonal_fisher
-from coinfer.fisher import fisher_total
+from coinfer.fisher import ESTIMATORS, fisher_total
 from tests.conftest import SmallBN, SmallCNN
 
 
@@ -175,6 +177,10 @@ def test_layers_backend_handles_strides_dilation_inplace_and_3d_linear(images):
     y = torch.arange(len(x)) % 3
     got = diagonal_fisher(m, x, "empirical", labels=y, backend="layers")
     assert_rel_close(got, reference_fisher(m, x, "empirical", y))
+    assert_rel_close(got, diagonal_fisher(m, x, "empirical", labels=y, backend="loop"))
+    got = diagonal_fisher(m, x, "sampled", backend="layers", seed=2, batch_size=10)
+    assert_rel_close(got, diagonal_fisher(m, x, "sampled", backend="loop", seed=2, batch_size=10))
+    assert_rel_close(got, reference_fisher(m, x, "empirical", sampled_labels(m, x, 2, 10)))
 
 
 @pytest.mark.parametrize(
@@ -184,20 +190,114 @@ def test_layers_backend_handles_strides_dilation_inplace_and_3d_linear(images):
         (Twice, "more or less than once"),
         (Scaled, "scale"),
         (Regrouped, "not the sample dim"),
-        (SeqFirst, "of one sample disagrees"),
+        (SeqFirst, "for sample 0 disagrees"),
         (KeywordCall, "without a positional tensor"),
         (weight_normed, "forward hooks|reparametrised"),
     ],
 )
-def test_models_outside_the_layers_backend_fall_back_to_vmap(images, cls, why):
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_models_outside_the_layers_backend_fall_back_to_vmap(images, cls, why, estimator, monkeypatch):
     torch.manual_seed(6)
     m = cls().double()
     x = images.double()
+    y = torch.arange(len(x)) % 3
     bs = 6  # SeqFirst needs chunks of exactly 6 samples to look per-sample
-    want = reference_fisher(m, x, "exact")
-    assert_rel_close(diagonal_fisher(m, x, "exact", batch_size=bs), want)
+    kw = dict(labels=y, batch_size=bs, seed=4)
+    want = diagonal_fisher(m, x, estimator, backend="loop", **kw)
+    vmap_calls = spy(monkeypatch, fisher_mod, "_accumulate_vmap")
+    assert_rel_close(diagonal_fisher(m, x, estimator, **kw), want)
+    assert vmap_calls, "auto did not fall back to vmap"
     with pytest.raises(ValueError, match=why):
-        diagonal_fisher(m, x, "exact", backend="layers", batch_size=bs)
+        diagonal_fisher(m, x, estimator, backend="layers", **kw)
+    if estimator == "exact":  # the loop backend against the independent reference
+        assert_rel_close(want, reference_fisher(m, x, "exact"))
+
+
+def spy(monkeypatch, module, name) -> list:
+    """Replace ``module.name`` by a wrapper that records each call; return the record."""
+    calls, real = [], getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def sampled_labels(model, x, seed, chunk):
+    """The labels the sampled estimator draws: one multinomial call per chunk."""
+    with torch.no_grad():
+        probs = torch.softmax(model(x), -1)
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat(
+        [torch.multinomial(probs[s : s + chunk], 1, generator=g).squeeze(1) for s in range(0, len(x), chunk)]
+    )
+
+
+@pytest.mark.parametrize("estimator", ["sampled", "empirical"])
+def test_layers_sampled_and_empirical_match_the_loop_across_chunks(model, estimator):
+    # 150 samples: several chunks, with each backend's default chunk size
+    x = torch.randn(150, 1, 6, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    y = torch.arange(len(x)) % 4
+    kw = dict(labels=y if estimator == "empirical" else None, seed=21)
+    got = diagonal_fisher(model, x, estimator, backend="layers", **kw)
+    loop = diagonal_fisher(model, x, estimator, backend="loop", **kw)
+    assert_rel_close(got, loop)
+    assert_rel_close(diagonal_fisher(model, x, estimator, backend="vmap", **kw), loop)
+    labels = (
+        y if estimator == "empirical" else sampled_labels(model, x, 21, fisher_mod.DEFAULT_CHUNK["sampled"])
+    )
+    assert_rel_close(got, reference_fisher(model, x, "empirical", labels))
+    # torch's CPU multinomial draws row by row: other chunks draw the same labels
+    assert_rel_close(diagonal_fisher(model, x, estimator, backend="layers", batch_size=7, **kw), loop)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_auto_uses_layers_for_every_estimator_on_a_supported_model(model, images, estimator, monkeypatch):
+    x = images.double()
+    kw = dict(labels=torch.arange(len(x)) % 4, seed=5, batch_size=10)
+    want = diagonal_fisher(model, x, estimator, backend="loop", **kw)
+    layer_calls = spy(monkeypatch, fl, "accumulate")
+    vmap_calls = spy(monkeypatch, fisher_mod, "_accumulate_vmap")
+    got = diagonal_fisher(model, x, estimator, **kw)
+    assert len(layer_calls) == 3 and not vmap_calls  # 24 samples in chunks of 10
+    assert_rel_close(got, want)
+
+
+def test_a_failed_first_chunk_check_keeps_the_drawn_labels(images, monkeypatch):
+    """A model the structural checks accept but autograd rejects (tied weights):
+    the labels drawn on the layers' forward pass are the ones vmap uses."""
+    torch.manual_seed(6)
+    m = Tied().double()
+    x = images.double()
+    want = diagonal_fisher(m, x, "sampled", backend="loop", seed=9, batch_size=8)
+    layer_calls = spy(monkeypatch, fl, "accumulate")
+    got = diagonal_fisher(m, x, "sampled", seed=9, batch_size=8)
+    assert len(layer_calls) == 1  # tried on the first chunk only
+    assert_rel_close(got, want)
+    assert_rel_close(got, reference_fisher(m, x, "empirical", sampled_labels(m, x, 9, 8)))
+
+
+@pytest.mark.parametrize(
+    "cin, targets, grouped",
+    [(2, 1, True), (2, 3, True), (9, 1, True), (9, 20, False), (12, 1, False)],
+)
+def test_conv_per_sample_gradients_on_both_paths(cin, targets, grouped, monkeypatch):
+    """Both conv paths give autograd's per-sample weight gradients with stride,
+    dilation, asymmetric padding and windows that leave input rows unused."""
+    g = torch.Generator().manual_seed(cin + targets)
+    conv = nn.Conv2d(cin, 4, 3, stride=2, padding=(1, 2), dilation=2).double()
+    size = (20, 19) if cin != 12 else (9, 8)  # 9x9 / 3x4 output positions
+    a = torch.randn(5, cin, *size, generator=g, dtype=torch.float64)
+    d = torch.randn(targets, *conv(a).shape, generator=g, dtype=torch.float64)
+    grouped_calls = spy(monkeypatch, fl, "_conv_per_sample")
+    (got,) = fl._conv_weight(conv, a, d, lambda t: (t,))
+    assert bool(grouped_calls) == grouped
+    for s in range(targets):
+        for b in range(len(a)):
+            (want,) = torch.autograd.grad((conv(a[b : b + 1]) * d[s, b : b + 1]).sum(), conv.weight)
+            torch.testing.assert_close(got[s, b], want)
 
 
 def test_sampled_matches_the_loop_with_the_same_labels_and_is_seeded(model, images):

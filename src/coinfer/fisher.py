@@ -16,11 +16,12 @@ Three backends compute the per-sample squared gradients:
   (``functional_call``, ``vmap``, ``grad``/``jacrev``) in chunks — any module;
 * ``loop``: the slow per-sample autograd loop that serves as the reference.
 
-``backend="auto"`` (the default) takes ``layers`` for the ``exact`` estimator
-where it applies and ``vmap`` otherwise: measured with ``benchmarks/fisher.py``
-(docs/performance.md), ``layers`` is about 3x faster than ``vmap`` for
-``exact`` on LeNet-5 and as fast on ResNet-20, while for the one-gradient
-estimators ``vmap`` is as fast (LeNet-5) or faster (ResNet-20).
+``backend="auto"`` (the default) takes ``layers`` where it applies, for every
+estimator, and ``vmap`` otherwise (also when the first chunk's check against
+autograd fails). ``sampled`` draws its labels from the class probabilities
+with one ``torch.multinomial`` call per chunk and the seeded generator, the
+same on every backend, so all backends use the same labels for a seed and
+agree up to rounding.
 """
 
 from __future__ import annotations
@@ -51,11 +52,13 @@ BACKENDS = ("auto", "layers", "vmap", "loop")
 #: estimators keep improving up to 64 and more.
 DEFAULT_CHUNK = {"exact": 8, "sampled": 64, "empirical": 64}
 
-#: Default samples per batched pass of the ``layers`` backend (any estimator):
-#: the fastest in the chunk sweep of ``benchmarks/fisher.py`` for both lenet5
-#: and resnet20 (64 is as fast on lenet5; 128 is slower on both). Memory grows
-#: with ``chunk * C`` copies of the largest conv layer's weight gradient.
-DEFAULT_LAYER_CHUNK = 32
+#: Default samples per batched pass of the ``layers`` backend, per estimator,
+#: from the chunk sweep of ``benchmarks/fisher.py`` (lenet5, resnet20). Memory
+#: grows with ``chunk * S`` copies of the largest conv layer's weight gradient
+#: (``S``: up to 10 classes for ``exact``, 1 otherwise). ``sampled`` draws its
+#: labels chunk by chunk, so its chunk must be the same on every backend for
+#: them to draw the same labels from the same seed: it is ``DEFAULT_CHUNK``'s.
+DEFAULT_LAYER_CHUNK = {"exact": 32, "sampled": DEFAULT_CHUNK["sampled"], "empirical": 64}
 
 
 def _iter_batches(
@@ -139,8 +142,6 @@ def diagonal_fisher(
         raise ValueError("model has no parameters that require grad")
     owner = None
     explicit = backend == "layers"
-    if backend == "auto" and estimator != "exact":
-        backend = "vmap"
     if backend in ("auto", "layers"):
         try:
             owner = fisher_layers.plan(model, list(params))
@@ -151,7 +152,7 @@ def diagonal_fisher(
             backend = "vmap"
     vmap_chunk = DEFAULT_CHUNK[estimator] if batch_size is None else batch_size
     if batch_size is None:
-        batch_size = DEFAULT_LAYER_CHUNK if backend == "layers" else vmap_chunk
+        batch_size = DEFAULT_LAYER_CHUNK[estimator] if backend == "layers" else vmap_chunk
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     buffers = {n: b.detach() for n, b in model.named_buffers()}
@@ -229,32 +230,36 @@ def diagonal_fisher(
     return {n: f / seen for n, f in fisher.items()}
 
 
-def _accumulate(model, params, buffers, fisher, x, y, estimator, gen, state, jac_fn, grad_fn):
-    with torch.no_grad():
-        logits = functional_call(model, (params, buffers), (x,))
-        if logits.ndim != 2:
-            raise CalibrationError(f"model must return (batch, C) logits, got shape {tuple(logits.shape)}")
-        probs = torch.softmax(logits, dim=-1)
+def _probs_and_labels(logits, y, estimator, gen):
+    """Class probabilities of one chunk and its labels: drawn from them for
+    ``sampled`` (one ``multinomial`` call per chunk with the seeded generator,
+    whatever the backend), the given ones for ``empirical``, ``None`` for ``exact``."""
+    if logits.ndim != 2:
+        raise CalibrationError(f"model must return (batch, C) logits, got shape {tuple(logits.shape)}")
+    probs = torch.softmax(logits, dim=-1)
     if estimator == "sampled":
         y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
     if y is not None and ((y < 0).any() or (y >= probs.shape[1]).any()):
         raise CalibrationError(f"labels must lie in 0..{probs.shape[1] - 1}")
-    if state["backend"] == "loop":
-        _accumulate_loop(model, params, fisher, x, y, probs, estimator)
-        return
+    return probs, y
+
+
+def _accumulate(model, params, buffers, fisher, x, y, estimator, gen, state, jac_fn, grad_fn):
+    drawn: dict[str, torch.Tensor | None] = {}
     if state["backend"] == "layers":
-        if estimator == "exact":
-            c = probs.shape[1]
-            targets = torch.arange(c).unsqueeze(1).expand(c, len(x))
-            weights = probs.T
-        else:
-            targets, weights = y.unsqueeze(0), torch.ones(1, len(x), dtype=probs.dtype)
+
+        def targets_for(logits):  # called once, on the layers' own forward pass
+            probs, labels = _probs_and_labels(logits, y, estimator, gen)
+            drawn.update(probs=probs, y=labels)
+            if estimator == "exact":
+                c = probs.shape[1]
+                return torch.arange(c).unsqueeze(1).expand(c, len(x)), probs.T
+            return labels.unsqueeze(0), torch.ones(1, len(x), dtype=probs.dtype)
+
         # on a failed first-chunk check nothing was added yet: fall back cleanly
         part = fisher if state["checked"] else {n: torch.zeros_like(f) for n, f in fisher.items()}
         try:
-            fisher_layers.accumulate(
-                model, state["owner"], part, x, targets, weights, check=not state["checked"]
-            )
+            fisher_layers.accumulate(model, state["owner"], part, x, targets_for, check=not state["checked"])
         except fisher_layers.Unsupported as e:
             if state["explicit"]:
                 raise ValueError(f"the layers backend does not apply to this model: {e}") from None
@@ -272,6 +277,15 @@ def _accumulate(model, params, buffers, fisher, x, y, estimator, gen, state, jac
                 for n in fisher:
                     fisher[n] += part[n]
             return
+    if drawn:  # the layers backend fell back after drawing this chunk's labels: keep them
+        probs, y = drawn["probs"], drawn["y"]
+    else:
+        with torch.no_grad():
+            logits = functional_call(model, (params, buffers), (x,))
+        probs, y = _probs_and_labels(logits, y, estimator, gen)
+    if state["backend"] == "loop":
+        _accumulate_loop(model, params, fisher, x, y, probs, estimator)
+        return
     m = state["vmap_chunk"]
     for s in range(0, len(x), m):  # after a fall-back the chunk may be the layers' size
         _accumulate_vmap(

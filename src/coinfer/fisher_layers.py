@@ -1,15 +1,19 @@
 """Per-sample squared gradients layer by layer, without materialising every gradient.
 
 The ``layers`` backend of :func:`coinfer.diagonal_fisher`. One ordinary batched
-forward pass records each layer's input and output; one batched backward pass
-per class (``exact``) or one in all (``sampled``/``empirical``) gives the
-gradient ``δ`` at every layer's output for every sample at once. The
-per-sample parameter gradient is then a small contraction of ``δ`` with the
-layer's input (as in BackPACK and Opacus):
+forward pass records each layer's input and output (its logits also give the
+class probabilities, and the labels the ``sampled`` estimator draws); one
+batched backward pass per class (``exact``) or one in all (``sampled``,
+``empirical``: the loss ``Σ_b -log p(y_b | x_b)``) gives the gradient ``δ`` at
+every layer's output for every sample at once. The per-sample parameter
+gradient is then a small contraction of ``δ`` with the layer's input (as in
+BackPACK and Opacus):
 
 * ``nn.Linear``: ``g_b = δ_b aᵀ_b``, so ``Σ_b w_b g_b² = (w·δ²)ᵀ a²`` — no
   per-sample gradient is ever stored;
-* ``nn.Conv2d``: ``g_b = δ_b · unfold(a_b)ᵀ``, summed over output positions;
+* ``nn.Conv2d``: ``g_b = δ_b ⋆ a_b`` (correlation, summed over output
+  positions): a grouped convolution's weight gradient with the batch as
+  the groups, or one batched matmul per kernel offset;
 * BatchNorm in eval mode: ``g_γ = Σ δ·x̂``, ``g_β = Σ δ`` over positions.
 
 It applies when every parameter that needs a Fisher is the ``weight`` or
@@ -17,14 +21,17 @@ It applies when every parameter that needs a Fisher is the ``weight`` or
 hooks), each such layer runs once per forward pass with dim 0 the sample dim,
 and samples do not interact in eval mode. :func:`plan` checks the first from
 the model's structure; :func:`accumulate` checks the second while recording,
-and on the first chunk compares with autograd: the per-sample gradients must
-sum to the batch gradient (a parameter used outside its layer: tied weights,
-functional calls) and the first sample's must be its own gradient (samples
-that interact, a batch regrouped inside the model). Any failure raises
-:class:`Unsupported` and the caller falls back to ``torch.func``.
+and on the first chunk compares with autograd: the first and the last sample,
+each run through the model on its own (as ``vmap`` and the loop see them),
+must get the gradient the contraction gives them inside the batch (this
+catches a parameter used outside its layer — tied weights, functional calls —
+samples that interact, a batch regrouped inside the model). Any failure
+raises :class:`Unsupported` and the caller falls back to ``torch.func``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -83,38 +90,60 @@ def plan(model: nn.Module, names: list[str]) -> dict[str, tuple[nn.Module, str]]
     return owner
 
 
-def _conv_weight(mod: nn.Conv2d, a: torch.Tensor, d: torch.Tensor, reduce) -> torch.Tensor:
-    """``reduce`` of the per-sample weight gradients of a conv layer, ``(O, I, kh, kw)``.
+def _conv_per_sample(mod: nn.Conv2d, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients ``(S, B, O, I, kh, kw)`` of a conv layer in one
+    call: the weight gradient of a grouped convolution with the batch folded
+    into ``B`` groups (the ``torch.func``/Opacus construction)."""
+    s_, b_, o_ = d.shape[:3]
+    go = d.transpose(0, 1).reshape(1, b_ * s_ * o_, *d.shape[3:])
+    inp = a.reshape(1, b_ * a.shape[1], *a.shape[2:])
+    # only the weight's shape matters for the weight gradient
+    w = a.new_zeros(()).expand(b_ * s_ * o_, *mod.weight.shape[1:])
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        go, inp, w, None, mod.stride, mod.padding, mod.dilation, False, (0, 0), b_, (False, True, False)
+    )
+    return gw.reshape(b_, s_, *mod.weight.shape).transpose(0, 1)
 
-    Two equivalent ways, whichever is faster for the layer's shape (measured on
-    CPU): ``unfold`` (im2col, one batched matmul; best with few input
-    channels) or one batched matmul per kernel offset on strided views of the
-    padded input (best with many channels: im2col's copy dominates there)."""
+
+def _conv_weight(mod: nn.Conv2d, a: torch.Tensor, d: torch.Tensor, reduce) -> tuple[torch.Tensor, ...]:
+    """``reduce`` of the per-sample weight gradients of a conv layer.
+
+    Two equivalent ways, whichever was faster for the layer's shape (measured
+    per layer of lenet5/resnet20 on one CPU thread): the grouped-convolution
+    weight gradient (:func:`_conv_per_sample`; best with few input channels,
+    and with few output gradients — one target, up to 64 channels — at more
+    than 8x8 output positions), or one batched matmul per kernel offset on
+    strided views of the padded input (best with many channels and many
+    targets, or small feature maps). ``unfold`` (im2col) was never the
+    fastest by a clear margin."""
     s_, b_, o_ = d.shape[:3]
     ho, wo = d.shape[3:]
     kh, kw = mod.kernel_size
-    if mod.in_channels < 8:
-        cols = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
-        g = torch.einsum("sbol,bil->sboi", d.flatten(3), cols)
-        return reduce(g).reshape(mod.weight.shape)
+    if mod.in_channels < 8 or (s_ * o_ <= 64 and ho * wo > 64):
+        return reduce(_conv_per_sample(mod, a, d))
     ph, pw = mod.padding
     ap = F.pad(a, (pw, pw, ph, ph)) if ph or pw else a
     sh, sw = mod.stride
     dh, dw = mod.dilation
     df = d.transpose(0, 1).reshape(b_, s_ * o_, ho * wo)
-    out = torch.empty(o_, a.shape[1], kh, kw, dtype=a.dtype)
+    outs = None
     for i in range(kh):
         for j in range(kw):
             sl = ap[:, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
             g = torch.bmm(df, sl.reshape(b_, a.shape[1], ho * wo).transpose(1, 2))
-            out[:, :, i, j] = reduce(g.reshape(b_, s_, o_, -1).transpose(0, 1))
-    return out
+            red = reduce(g.reshape(b_, s_, o_, -1).transpose(0, 1))
+            if outs is None:
+                outs = tuple(r.new_empty(r.shape + (kh, kw)) for r in red)
+            for o, r in zip(outs, red, strict=True):
+                o[..., i, j] = r
+    return outs
 
 
-def _reduced(mod: nn.Module, a: torch.Tensor, d: torch.Tensor, reduce) -> dict[str, torch.Tensor]:
+def _reduced(mod: nn.Module, a: torch.Tensor, d: torch.Tensor, reduce) -> dict[str, tuple[torch.Tensor, ...]]:
     """``reduce`` applied to the per-sample gradients ``(S, B, *param shape)`` of
     each of ``mod``'s parameters, given its input ``a`` and output gradients ``d``
-    ``(S, B, *output shape)``; ``reduce`` sums over the first two dims."""
+    ``(S, B, *output shape)``; ``reduce`` returns a tuple of reductions over the
+    first two dims (each of the parameter's shape)."""
     if type(mod) is nn.Conv2d:
         out = {"weight": _conv_weight(mod, a, d, reduce)}
         if mod.bias is not None:
@@ -143,16 +172,19 @@ def accumulate(
     owner: dict[str, tuple[nn.Module, str]],
     fisher: dict[str, torch.Tensor],
     x: torch.Tensor,
-    targets: torch.Tensor,
-    weights: torch.Tensor,
+    targets_for: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     check: bool,
 ) -> None:
     """Add ``Σ_{s,b} weights[s,b] · (∂ log p(targets[s,b] | x_b) / ∂θ)²`` to ``fisher``.
 
-    ``targets``/``weights`` are ``(S, B)``: class indices and their weights
-    (``exact``: every class with weight ``p``; otherwise one label with
-    weight 1). With ``check``, first verify the layer-wise gradients against
-    autograd's batch gradient; raise :class:`Unsupported` on a mismatch.
+    ``targets_for(logits)`` is called once with the detached ``(B, C)`` logits
+    of the recording forward pass (so one forward pass serves both) and returns
+    ``(targets, weights)``, both ``(S, B)``: class indices and their weights
+    (``exact``: every class with weight ``p``; ``sampled``/``empirical``: one
+    label with weight 1, one backward pass in all). With ``check``, the
+    layer-wise gradients for ``targets[0]`` are compared with autograd's
+    (batch sum and first sample, from the same forward pass); a mismatch
+    raises :class:`Unsupported`, possibly after part of ``fisher`` was updated.
     """
     layers = {id(m): m for m, _ in owner.values()}
     calls: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in layers}
@@ -171,13 +203,29 @@ def accumulate(
     handles = [m.register_forward_hook(hook) for m in layers.values()]
     try:
         with torch.enable_grad():
-            logp = torch.log_softmax(model(x), dim=-1)
+            logits = model(x)
     finally:
         for h in handles:
             h.remove()
+    targets, weights = targets_for(logits.detach())
     if any(len(c) != 1 for c in calls.values()):
         raise Unsupported("a layer ran more or less than once in the forward pass")
+    with torch.enable_grad():
+        logp = torch.log_softmax(logits, dim=-1)
     order = list(layers)
+    names = list(owner)
+    live = dict(model.named_parameters())
+    tensors = [live[n] for n in names]
+    want = {}
+    if check:
+        # the first and last samples on their own, as the vmap and loop
+        # backends see them: autograd's gradient for each must be what the
+        # contraction gives for it inside the batch
+        for i in sorted({0, len(x) - 1}):
+            with torch.enable_grad():
+                lp = torch.log_softmax(model(x[i : i + 1]), dim=-1)[0, targets[0, i]]
+            grads = torch.autograd.grad(lp, tensors, allow_unused=True)
+            want[i] = dict(zip(names, grads, strict=True))
     outs = [calls[i][0][1] for i in order]
     n_targets = targets.shape[0]
     for g0 in range(0, n_targets, CLASS_GROUP):
@@ -185,57 +233,78 @@ def accumulate(
         deltas = [[] for _ in order]
         for s in group:
             obj = logp.gather(1, targets[s].reshape(-1, 1)).sum()
-            gs = torch.autograd.grad(obj, outs, retain_graph=s + 1 < n_targets, allow_unused=True)
+            keep = s + 1 < n_targets
+            gs = torch.autograd.grad(obj, outs, retain_graph=keep, allow_unused=True)
             for i, g in enumerate(gs):
                 deltas[i].append(torch.zeros_like(outs[i]) if g is None else g)
-        per_layer = {lid: (calls[lid][0][0], torch.stack(deltas[i])) for i, lid in enumerate(order)}
+        per_layer = {
+            lid: (calls[lid][0][0], dl[0].unsqueeze(0) if len(dl) == 1 else torch.stack(dl))
+            for lid, dl in zip(order, deltas, strict=True)
+        }
+        w = weights[g0 : g0 + len(group)]
         if check and g0 == 0:
-            _check(model, owner, per_layer, x, targets[0])
-        _contract(layers, owner, per_layer, weights[g0 : g0 + len(group)], fisher)
+            _contract_and_check(layers, owner, per_layer, w, fisher, want)
+        else:
+            _contract(layers, owner, per_layer, w, fisher)
+
+
+def _weighted_square(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (w.reshape(w.shape + (1,) * (g.ndim - 2)) * g.pow(2)).sum((0, 1))
 
 
 def _contract(layers, owner, per_layer, weights, fisher) -> None:
     """Add the weighted squared per-sample gradients of one group of targets."""
     for lid, (a, d) in per_layer.items():
         mod = layers[lid]
-        names = [n for n, (m, _) in owner.items() if m is mod]
-        attrs = {owner[n][1]: n for n in names}
-        if type(mod) is nn.Linear and a.ndim == 2:
-            # Σ_{s,b} w (δ_o a_i)² = Σ_b (Σ_s w δ_o²) a_i²: never form g_b
-            d2 = (weights.unsqueeze(-1) * d.pow(2)).sum(0)  # (B, O)
-            if "weight" in attrs:
-                fisher[attrs["weight"]] += d2.T @ a.pow(2)
-            if "bias" in attrs:
-                fisher[attrs["bias"]] += d2.sum(0)
-            continue
+        _contract_layer(mod, {attr: n for n, (m, attr) in owner.items() if m is mod}, a, d, weights, fisher)
 
-        def weighted_square(g, w=weights):
-            return (w.reshape(w.shape + (1,) * (g.ndim - 2)) * g.pow(2)).sum((0, 1))
 
-        red = _reduced(mod, a, d, weighted_square)
+def _contract_layer(mod, attrs, a, d, weights, fisher) -> None:
+    if type(mod) is nn.Linear and a.ndim == 2:
+        # Σ_{s,b} w (δ_o a_i)² = Σ_b (Σ_s w δ_o²) a_i²: never form g_b
+        d2 = (weights.unsqueeze(-1) * d.pow(2)).sum(0)  # (B, O)
+        if "weight" in attrs:
+            fisher[attrs["weight"]] += d2.T @ a.pow(2)
+        if "bias" in attrs:
+            fisher[attrs["bias"]] += d2.sum(0)
+        return
+    red = _reduced(mod, a, d, lambda g: (_weighted_square(g, weights),))
+    for attr, name in attrs.items():
+        fisher[name] += red[attr][0]
+
+
+def _contract_and_check(layers, owner, per_layer, weights, fisher, want) -> None:
+    """:func:`_contract`, and compare the layer-wise gradients for the first
+    target with autograd's ``want`` (``{sample: {name: gradient}}``, each
+    sample run on its own). A mismatch means a parameter used outside its
+    layer (tied weights, a functional call), samples that interact, or a batch
+    regrouped inside the model. With one target (``sampled``, ``empirical``)
+    each conv layer's per-sample gradients are formed once for the square and
+    the checks."""
+    samples = list(want)
+
+    def checks(g):
+        return tuple(g[0, i] for i in samples)
+
+    for lid, (a, d) in per_layer.items():
+        mod = layers[lid]
+        attrs = {attr: n for n, (m, attr) in owner.items() if m is mod}
+        if d.shape[0] == 1 and not (type(mod) is nn.Linear and a.ndim == 2):
+            red = _reduced(mod, a, d, lambda g: (_weighted_square(g, weights), *checks(g)))
+            squares = {attr: red[attr][0] for attr in attrs}
+            red = {attr: r[1:] for attr, r in red.items()}
+        else:
+            squares = {attr: torch.zeros_like(fisher[n]) for attr, n in attrs.items()}
+            _contract_layer(mod, attrs, a, d, weights, {n: squares[attr] for attr, n in attrs.items()})
+            red = _reduced(mod, a, d[:1], checks)
         for attr, name in attrs.items():
-            fisher[name] += red[attr]
-
-
-def _check(model, owner, per_layer, x, target) -> None:
-    """Compare with autograd for ``target``: the per-sample gradients must sum to
-    the batch gradient (catches parameters used outside their layer), and the
-    first sample's must equal its own gradient (catches samples that interact
-    or a batch regrouped inside the model)."""
-    names = list(owner)
-    params = dict(model.named_parameters())
-    tensors = [params[n] for n in names]
-    with torch.enable_grad():
-        logp = torch.log_softmax(model(x), -1).gather(1, target.reshape(-1, 1))
-        batch = torch.autograd.grad(logp.sum(), tensors, allow_unused=True, retain_graph=True)
-        first = torch.autograd.grad(logp[0, 0], tensors, allow_unused=True)
-    for name, wb, w0 in zip(names, batch, first, strict=True):
-        mod, attr = owner[name]
-        a, d = per_layer[id(mod)]
-        got_b = _reduced(mod, a, d[:1], lambda g: g.sum((0, 1)))[attr]
-        got_0 = _reduced(mod, a[:1], d[:1, :1], lambda g: g.sum((0, 1)))[attr]
-        for got, want, what in ((got_b, wb, "summed over the batch"), (got_0, w0, "of one sample")):
-            want = torch.zeros_like(got) if want is None else want
-            tol = 1e-4 * float(want.abs().max().clamp(min=1e-12)) + 1e-6
-            if float((got - want).abs().max()) > tol:
-                raise Unsupported(f"layer-wise gradient of {name} {what} disagrees with autograd")
+            for i, got in zip(samples, red[attr], strict=True):
+                w = want[i][name]
+                w = torch.zeros_like(got) if w is None else w
+                tol = 1e-4 * float(w.abs().max().clamp(min=1e-12)) + 1e-6
+                if float((got - w).abs().max()) > tol:
+                    raise Unsupported(
+                        f"layer-wise gradient of {name} for sample {i} disagrees with autograd "
+                        "(a parameter used outside its layer, or samples that interact)"
+                    )
+            fisher[name] += squares[attr]
