@@ -219,8 +219,8 @@ def test_conv_head_refit_runs_on_unfolded_patches():
 def test_auto_split_respects_max_parity_cost_and_reports_the_candidates():
     models = _models(LENET, 4)
     x = torch.randn(60, 1, 28, 28)
-    coded = encode(models, Code(4, 1), x, method="heads", trunk="average", max_parity_cost=1.25)
-    # LeNet-5, k = 4: heads from fc1 cost 1.42, from fc2 1.08, from fc3 1.006
+    coded = encode(models, Code(4, 1), x, method="heads", trunk="average", max_parity_cost=1.25, rank=None)
+    # LeNet-5, k = 4: whole heads from fc1 cost 1.42, from fc2 1.08, from fc3 1.006
     assert set(coded.info["split_candidates"]) == {"fc2", "fc3"}
     assert coded.info["split"][0] in ("fc2", "fc3")
     assert coded.info["parity_cost"] <= 1.25
@@ -448,3 +448,105 @@ def test_a_nan_mixture_weight_in_a_manifest_is_a_bundle_error(tmp_path):
     mf.write_text(json.dumps(m))
     with pytest.raises(BundleError, match="mixture weights"):
         Bundle.load(path)
+
+
+# --------------------------------------------------------------------------- the low-rank form
+def test_split_after_a_layer_ends_the_trunk_with_its_output():
+    model = build_model(LENET).eval()
+    x = torch.randn(3, 1, 28, 28)
+    trunk, rest = split_model(model, "fc1", after=True)
+    with torch.no_grad():
+        assert trunk(x).shape == (3, 120)
+        torch.testing.assert_close(rest(trunk(x)), model(x))
+    assert "fc1.weight" in trunk.state_dict() and "fc1.weight" not in rest.state_dict()
+
+
+def test_lowrank_needs_a_linear_that_alone_reads_the_features():
+    from coinfer.heads import lowrank_layer
+
+    lenet = build_model(LENET)
+    assert isinstance(lowrank_layer(lenet, "fc1"), nn.Linear)
+    assert lowrank_layer(lenet, "conv2") is None and lowrank_layer(lenet, "input") is None
+
+    class Skip(nn.Module):  # fc1's input is also added to the output: not rest(fc1(h))
+        def __init__(self):
+            super().__init__()
+            self.fc0, self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.fc0(x)
+            return self.fc2(self.fc1(h) + h)
+
+    assert lowrank_layer(Skip(), "fc1") is None
+
+
+def test_lowrank_parity_of_identical_models_is_the_model():
+    torch.manual_seed(5)
+    m = build_model(LENET).eval()
+    twin = build_model(LENET)
+    twin.load_state_dict(m.state_dict())
+    x = torch.randn(60, 1, 28, 28)
+    coded = encode([m, twin.eval()], Code(2, 1), x, method="heads", split="fc1", rank=8)
+    assert coded.info["rank"] == [8] and coded[0].adapters is not None
+    xt = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.softmax(coded[0](xt), -1), torch.softmax(m(xt), -1), atol=1e-5, rtol=0)
+
+
+def test_lowrank_correction_error_falls_with_the_rank():
+    models = _shift_models(seed=6)
+    x = torch.randn(400, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    merged = encode(models, Code(2, 1), x, method="average")[0]
+    from coinfer.heads import _LowRankFitted
+
+    fitted = _LowRankFitted(models, [0, 1], merged, "fc1", x)
+    errs = []
+    for rank in (2, 8, 32):
+        par = fitted.parity(1e-3, rank, [0.5, 0.5], [0, 1], "fc1")
+        with torch.no_grad():
+            h = par.trunk(x)
+            got = par.shared(h) + par.adapters[1](h)
+            want = models[1].fc1(split_model(models[1], "fc1")[0](x))
+        errs.append(float(((got - want) ** 2).mean()))
+    assert errs[0] > errs[1] > errs[2], errs
+
+
+def test_auto_on_lenet_k4_tries_lowrank_forms_within_the_cost(tmp_path):
+    models = _shift_models(seed=7) + _shift_models(seed=8)
+    x = torch.randn(80, 1, 28, 28)
+    coded = encode(models, Code(4, 1), x, method="heads", max_parity_cost=1.25)
+    shapes = {(s["split"], s["rank"]) for s in coded.info["shapes_tried"]}
+    # fc1 whole per model costs 1.42; its rank-32 correction fits, rank 64 does not
+    assert ("fc1", 32) in shapes and ("fc1", 64) not in shapes and ("fc1", None) not in shapes
+    assert all(s["parity_cost"] <= 1.25 for s in coded.info["shapes_tried"])
+    assert coded.info["parity_cost"] <= 1.25
+    # whichever form won, it survives a bundle round trip
+    path = Bundle(LENET, Code(4, 1), models, list(coded), (1, 28, 28)).save(tmp_path / "b")
+    loaded = Bundle.load(path).coded_models[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x[:6]), coded[0](x[:6]))
+
+
+def test_lowrank_bundle_round_trip_records_the_rank(tmp_path):
+    models = _shift_models(seed=9)
+    coded = encode(models, Code(2, 1), torch.randn(50, 1, 28, 28), method="heads", split="fc1", rank=16)
+    path = Bundle(LENET, Code(2, 1), models, list(coded), (1, 28, 28)).save(tmp_path / "b")
+    st = json.loads((path / "manifest.json").read_text())["parities"][0]
+    assert st["rank"] == 16 and st["split"] == "fc1"
+    loaded = Bundle.load(path).coded_models[0]
+    xt = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(xt), coded[0](xt))
+    m = json.loads((path / "manifest.json").read_text())
+    m["parities"][0]["rank"] = 500
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="rank must be an integer in 1..120"):
+        Bundle.load(path)
+
+
+def test_a_bad_rank_is_refused():
+    models = _models(LENET, 2)
+    with pytest.raises(ValueError, match="rank"):
+        encode(models, Code(2, 1), torch.randn(20, 1, 28, 28), method="heads", rank=0)
+    with pytest.raises(SplitError, match="rank=4 needs 'conv2'"):
+        encode(models, Code(2, 1), torch.randn(20, 1, 28, 28), method="heads", split="conv2", rank=4)

@@ -52,11 +52,22 @@ from coinfer.encoders import (
 from coinfer.errors import CalibrationError, SplitError
 from coinfer.split import INPUT, count_flops, split_candidates, split_model
 
-__all__ = ["HeadsParity", "HeadsOptions", "build_parity", "refit_layer", "DEFAULT_ALPHAS"]
+__all__ = [
+    "HeadsParity",
+    "HeadsOptions",
+    "LowRankAdapter",
+    "build_parity",
+    "lowrank_layer",
+    "refit_layer",
+    "DEFAULT_ALPHAS",
+    "DEFAULT_RANKS",
+]
 
 #: Ridge strengths α tried (relative to the mean diagonal of XᵀX); ``inf`` is
 #: the copied head, so the refit is kept only where it wins on held-out data.
 DEFAULT_ALPHAS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, math.inf)
+#: Ranks of the per-model correction tried by ``rank="auto"`` (low-rank form).
+DEFAULT_RANKS: tuple[int, ...] = (4, 8, 16, 32, 64)
 TRUNKS = ("coin", "average")
 
 
@@ -70,6 +81,11 @@ class HeadsParity(nn.Module):
         weights: the mixture weight of each head (positive, summing to 1).
         members: the data-model index of each head (for the manifest).
         split: the split point's name (for the manifest).
+        shared, adapters: the low-rank form. ``shared`` is the split layer
+            merged (an ``nn.Linear``), ``adapters[i]`` a :class:`LowRankAdapter`
+            of model i, and ``heads[i]`` the rest of model i after that layer:
+            ``head_i(shared(h) + adapter_i(h))``. Each model keeps only a
+            rank-ρ correction of the split layer instead of the whole layer.
     """
 
     def __init__(
@@ -79,6 +95,8 @@ class HeadsParity(nn.Module):
         weights: Sequence[float],
         members: Sequence[int],
         split: str,
+        shared: nn.Module | None = None,
+        adapters: Sequence[nn.Module] | None = None,
     ):
         super().__init__()
         if len(heads) != len(weights) or len(heads) != len(members) or not heads:
@@ -94,11 +112,21 @@ class HeadsParity(nn.Module):
         self.register_buffer("log_weights", torch.log(w / w.sum()).float())
         self.members = [int(i) for i in members]
         self.split = split
+        if (shared is None) != (adapters is None) or (adapters is not None and len(adapters) != len(heads)):
+            raise SplitError("the low-rank form needs a shared layer and one adapter per head")
+        self.shared = shared
+        self.adapters = nn.ModuleList(adapters) if adapters is not None else None
+        self.rank = int(adapters[0].rank) if adapters else None
         self.meta: dict[str, Any] = {}  #: build facts the manifest records (trunk, parity_cost, ...)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.trunk(x)
-        logp = torch.stack([F.log_softmax(head(h), dim=-1) for head in self.heads])
+        if self.adapters is None:
+            outs = [head(h) for head in self.heads]
+        else:
+            z = self.shared(h)
+            outs = [head(z + ad(h)) for head, ad in zip(self.heads, self.adapters, strict=True)]
+        logp = torch.stack([F.log_softmax(o, dim=-1) for o in outs])
         return torch.logsumexp(logp + self.log_weights.to(logp.dtype)[:, None, None], dim=0)
 
     def structure(self) -> dict[str, Any]:
@@ -108,6 +136,7 @@ class HeadsParity(nn.Module):
             "split": self.split,
             "members": list(self.members),
             "weights": torch.exp(self.log_weights.double()).tolist(),
+            "rank": self.rank,
             **self.meta,
         }
 
@@ -120,6 +149,41 @@ class HeadsParity(nn.Module):
             raise SplitError(
                 f"parity mixture weights {have.tolist()} differ from the expected {want.tolist()}"
             )
+
+
+class LowRankAdapter(nn.Module):
+    """``up(down(h))``: a rank-``rank`` linear map (the bias, if any, on ``up``)."""
+
+    def __init__(self, in_features: int, rank: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.rank = rank
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(h))
+
+
+def lowrank_layer(model: nn.Module, split: str) -> nn.Linear | None:
+    """The ``nn.Linear`` named ``split`` if the head from ``split`` is exactly
+    ``rest(layer(features))`` (the form a low-rank parity needs), else None."""
+    if split == INPUT:
+        return None
+    try:
+        layer = model.get_submodule(split)
+    except AttributeError:
+        return None
+    if not isinstance(layer, nn.Linear):
+        return None
+    try:
+        trunk, head = split_model(model, split)
+        _, rest = split_model(model, split, after=True)
+        with torch.no_grad():
+            h = torch.randn(2, layer.in_features)
+            ok = torch.allclose(head(h), rest(layer(h)), atol=1e-5)
+    except (SplitError, RuntimeError):
+        return None
+    return layer if ok else None
 
 
 def build_parity(model: nn.Module, structure: Mapping[str, Any]) -> HeadsParity:
@@ -142,8 +206,26 @@ def build_parity(model: nn.Module, structure: Mapping[str, Any]) -> HeadsParity:
         or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in weights)
     ):
         raise SplitError(f"parity members {members!r} and weights {weights!r} must be equal-length lists")
-    trunk, head = split_model(model.eval(), split)
-    par = HeadsParity(trunk, [copy.deepcopy(head) for _ in members], weights, members, split)
+    rank = structure.get("rank")
+    if rank is None:
+        trunk, head = split_model(model.eval(), split)
+        par = HeadsParity(trunk, [copy.deepcopy(head) for _ in members], weights, members, split)
+    else:
+        layer = lowrank_layer(model.eval(), split)
+        if layer is None:
+            raise SplitError(
+                f"a low-rank parity needs {split!r} to be an nn.Linear that alone reads the features"
+            )
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= min(layer.weight.shape):
+            raise SplitError(f"parity rank must be an integer in 1..{min(layer.weight.shape)}, got {rank!r}")
+        trunk, _ = split_model(model, split)
+        _, rest = split_model(model, split, after=True)
+        adapters = [
+            LowRankAdapter(layer.in_features, rank, layer.out_features, layer.bias is not None)
+            for _ in members
+        ]
+        heads = [copy.deepcopy(rest) for _ in members]
+        par = HeadsParity(trunk, heads, weights, members, split, copy.deepcopy(layer), adapters)
     par.meta = {k: v for k, v in structure.items() if k in ("trunk", "parity_cost", "refit_layers", "alpha")}
     return par
 
@@ -157,6 +239,9 @@ class HeadsOptions:
     trunk: str = "average"  #: average | coin: how the trunk is merged (w-average, or COIN's Fisher-weighted)
     refit: bool = True  #: ridge-refit each head's first layer(s) onto the merged features
     refit_depth: int | None = 1  #: how many of the head's Linear/Conv2d layers to refit, in order (None: all)
+    rank: int | str | None = (
+        "auto"  #: low-rank form: "auto" (split="auto" also tries DEFAULT_RANKS), an int, or None
+    )
     max_parity_cost: float = 1.25  #: split="auto": largest parity FLOPs / one model's FLOPs
     alphas: Sequence[float] | None = None  #: ridge strengths tried, inf = copy (None: DEFAULT_ALPHAS)
     holdout: float = 0.2  #: share of the calibration inputs held out to choose α and the split
@@ -183,6 +268,14 @@ class HeadsOptions:
         d = self.refit_depth
         _expect(
             method, "refit_depth", d, d is None or (_is_int(d) and d >= 1), "an integer >= 1 or None (all)"
+        )
+        r = self.rank
+        _expect(
+            method,
+            "rank",
+            r,
+            r is None or r == "auto" or (_is_int(r) and r >= 1),
+            "'auto', None or an integer >= 1",
         )
         c = self.max_parity_cost
         _expect(method, "max_parity_cost", c, _is_real(c) and c >= 1, "a number >= 1 (one model's FLOPs)")
@@ -439,9 +532,9 @@ def encode_heads(
     opts: HeadsOptions,
 ) -> tuple[list[HeadsParity], dict[str, Any]]:
     """Build one :class:`HeadsParity` per row of ``rows`` on the merged models
-    ``merged`` (one per row, BatchNorm already recomputed); the split and α are
-    chosen on a held-out slice of ``x``, then the heads are refit on all of ``x``.
-    Returns the parities and their info."""
+    ``merged`` (one per row, BatchNorm already recomputed); the split, rank and
+    α are chosen on a held-out slice of ``x``, then the heads are refit on all
+    of ``x``. Returns the parities and their info."""
     k = len(models)
     n_val = max(1, int(round(opts.holdout * len(x))))
     if len(x) - n_val < 1:
@@ -461,7 +554,7 @@ def encode_heads(
     with torch.no_grad():
         probs_val = torch.stack([torch.softmax(m(x_val), -1) for m in models]).double()
     n_heads = max(sum(1 for w in row if w > 0) for row in rows)
-    splits = _choose_splits(models[0], opts.split, n_heads, x, model_flops, opts)
+    shapes = _choose_shapes(models[0], opts.split, n_heads, x, model_flops, opts)
     samples = 0  # samples through a trunk or a head, for the info
     tried: list[dict[str, Any]] = []
     parities: list[HeadsParity] = []
@@ -469,44 +562,65 @@ def encode_heads(
         members = [i for i in range(k) if row[i] > 0]
         weights = [row[i] for i in members]
         best = None
-        for split, cost in splits:
+        by_split: dict[str, list[tuple[int | None, float]]] = {}
+        for split, rank, cost in shapes:
+            by_split.setdefault(split, []).append((rank, cost))
+        for split, variants in by_split.items():
             refit = opts.refit and split != INPUT  # at the input the features are the model's own
-            fitted = _Fitted(models, members, mgd, split, x_fit, refit, opts.refit_depth)
-            samples += len(x_fit) * (1 + 2 * len(members)) + len(x_val)
-            for alpha in alphas if refit else [math.inf]:
-                heads = fitted.heads(alpha)
-                with torch.no_grad():
-                    hm_val = fitted.trunk(x_val)
-                    logp = torch.stack([F.log_softmax(hd(hm_val), -1) for hd in heads])
-                    w = torch.tensor(weights, dtype=logp.dtype)
-                    pc = torch.exp(torch.logsumexp(logp + torch.log(w / w.sum())[:, None, None], 0)).double()
-                agree, neg_err = _score(pc, probs_val, row)
-                a_rec = None if not math.isfinite(alpha) else alpha
-                tried.append(
-                    {"row": ri, "split": split, "alpha": a_rec, "parity_cost": cost, "heldout_recon": agree}
-                )
-                key = (agree, neg_err, -cost)
-                if best is None or key > best[0]:
-                    best = (key, split, alpha, refit)
+            for kind in ("full", "lowrank"):
+                ranks = [(r, c) for r, c in variants if (r is None) == (kind == "full")]
+                if not ranks:
+                    continue
+                if kind == "full":
+                    fitted = _Fitted(models, members, mgd, split, x_fit, refit, opts.refit_depth)
+                else:
+                    fitted = _LowRankFitted(models, members, mgd, split, x_fit)
+                samples += len(x_fit) * (1 + 2 * len(members)) + len(x_val)
+                for alpha in alphas if refit else [math.inf]:
+                    for rank, cost in ranks:
+                        par = fitted.parity(alpha, rank, weights, members, split)
+                        with torch.no_grad():
+                            pc = torch.softmax(par(x_val), -1).double()
+                        agree, neg_err = _score(pc, probs_val, row)
+                        tried.append(
+                            {
+                                "row": ri,
+                                "split": split,
+                                "rank": rank,
+                                "alpha": None if not math.isfinite(alpha) else alpha,
+                                "parity_cost": cost,
+                                "heldout_recon": agree,
+                            }
+                        )
+                        key = (agree, neg_err, -cost)
+                        if best is None or key > best[0]:
+                            best = (key, split, rank, alpha, refit)
         assert best is not None
-        _, split, alpha, refit = best
-        final = _Fitted(models, members, mgd, split, x, refit, opts.refit_depth)
+        _, split, rank, alpha, refit = best
+        if rank is None:
+            final = _Fitted(models, members, mgd, split, x, refit, opts.refit_depth)
+            refit_layers = final.names if refit and math.isfinite(alpha) else []
+        else:
+            final = _LowRankFitted(models, members, mgd, split, x)
+            refit_layers = [split]
         samples += len(x) * (1 + 2 * len(members))
-        par = HeadsParity(final.trunk, final.heads(alpha), weights, members, split).eval()
+        par = final.parity(alpha, rank, weights, members, split).eval()
         par.meta = {
             "trunk": opts.trunk,
             "parity_cost": count_flops(par, x[:1]) / model_flops,
-            "refit_layers": final.names if refit and math.isfinite(alpha) else [],
+            "refit_layers": refit_layers,
             "alpha": None if not math.isfinite(alpha) else alpha,
         }
         parities.append(par)
     info = {
         "split": [p.split for p in parities],
+        "rank": [p.rank for p in parities],
         "alpha": [p.meta["alpha"] for p in parities],
         "refit_layers": [p.meta["refit_layers"] for p in parities],
         "parity_cost": max(p.meta["parity_cost"] for p in parities),
         "parity_costs": [p.meta["parity_cost"] for p in parities],
-        "split_candidates": [s for s, _ in splits],
+        "split_candidates": list(dict.fromkeys(s for s, _, _ in shapes)),
+        "shapes_tried": [{"split": s, "rank": r, "parity_cost": c} for s, r, c in shapes],
         "tried": tried,
         "heads_forward_samples": samples,
         "heldout_samples": n_val,
@@ -557,26 +671,126 @@ class _Fitted:
             for h, t, f in zip(self.orig, self.targets, self.first, strict=True)
         ]
 
+    def parity(self, alpha, rank, weights, members, split) -> HeadsParity:
+        return HeadsParity(self.trunk, self.heads(alpha), weights, members, split).eval()
 
-def _choose_splits(
+
+class _LowRankFitted:
+    """The low-rank form at one split (an ``nn.Linear``): the merged trunk and
+    split layer, each member's rest-of-head, and per member the ridge problem
+    of the correction ``B`` with ``X (S + B)ᵀ ≈ T_i`` (shrunk toward the
+    member's own ``W_i − S``), truncated to rank ρ in the norm of the merged
+    features (reduced-rank regression: the top right singular vectors of ``X B``)."""
+
+    def __init__(self, models, members, merged, split, x):
+        self.trunk = split_model(merged, split)[0].eval()
+        self.shared = copy.deepcopy(merged.get_submodule(split)).eval()
+        with torch.no_grad():
+            h_merged = self.trunk(x)
+        x_design = _design(self.shared, h_merged)
+        self.gram = x_design.T @ x_design
+        s_mat = _weight_matrix(self.shared)
+        self.rests, self.problems = [], []
+        for i in members:
+            t_i, h_i = split_model(models[i], split)
+            self.rests.append(split_model(models[i], split, after=True)[1].eval())
+            layer_i = models[i].get_submodule(split)
+            with torch.no_grad():
+                t_own = layer_i(t_i.eval()(x))
+            cross = x_design.T @ t_own.double() - self.gram @ s_mat.T
+            self.problems.append(
+                _RefitStats(
+                    self.gram, cross, _weight_matrix(layer_i) - s_mat, float(self.gram.diagonal().mean())
+                )
+            )
+        self.bias = self.shared.bias is not None
+        self._cache: dict[float, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def _solutions(self, alpha: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per member: the full correction B ((D[+1]) x out) and the eigenvectors of BᵀXᵀXB, descending."""
+        if alpha not in self._cache:
+            out = []
+            for st in self.problems:
+                if math.isfinite(alpha):
+                    lam = alpha * max(st.scale, 1e-12)
+                    a = st.gram + lam * torch.eye(st.gram.shape[0], dtype=st.gram.dtype)
+                    b = torch.linalg.solve(a, st.cross + lam * st.w0.T)
+                else:
+                    b = st.w0.T.clone()
+                m = b.T @ self.gram @ b
+                _, vecs = torch.linalg.eigh((m + m.T) / 2)
+                out.append((b, vecs.flip(1)))
+            self._cache[alpha] = out
+        return self._cache[alpha]
+
+    def parity(self, alpha, rank, weights, members, split) -> HeadsParity:
+        d_in, d_out = self.shared.in_features, self.shared.out_features
+        adapters = []
+        for b, vecs in self._solutions(alpha):
+            q = vecs[:, :rank]  # (out, ρ)
+            ad = LowRankAdapter(d_in, rank, d_out, self.bias)
+            with torch.no_grad():
+                ad.down.weight.copy_((b[:d_in] @ q).T.float())
+                ad.up.weight.copy_(q.float())
+                if self.bias:
+                    ad.up.bias.copy_((b[d_in] @ q @ q.T).float())
+            adapters.append(ad)
+        heads = [copy.deepcopy(r) for r in self.rests]
+        return HeadsParity(self.trunk, heads, weights, members, split, self.shared, adapters).eval()
+
+
+def _choose_shapes(
     model: nn.Module, split: str, k: int, x: torch.Tensor, model_flops: int, opts: HeadsOptions
-) -> list[tuple[str, float]]:
-    """[(split, parity_cost)] to try: the given split, or every candidate whose cost fits."""
+) -> list[tuple[str, int | None, float]]:
+    """[(split, rank or None, parity_cost)] to try: full heads at the given split
+    (or at every candidate whose cost fits), plus low-rank forms where the
+    split layer is an ``nn.Linear`` reading the features alone."""
 
-    def cost(s: str) -> float:
+    def flops(m: nn.Module, inp: torch.Tensor) -> int:
+        return count_flops(m, inp)
+
+    def full_cost(s: str) -> float:
         trunk, head = split_model(model, s)
         with torch.no_grad():
             h = trunk.eval()(x[:1])
-        return (count_flops(trunk, x[:1]) + k * count_flops(head, h)) / model_flops
+        return (flops(trunk, x[:1]) + k * flops(head, h)) / model_flops
 
+    def lowrank_costs(s: str, ranks: Sequence[int]) -> list[tuple[int, float]]:
+        layer = lowrank_layer(model, s)
+        if layer is None:
+            return []
+        trunk, _ = split_model(model, s)
+        _, rest = split_model(model, s, after=True)
+        with torch.no_grad():
+            h = trunk.eval()(x[:1])
+            z = layer(h)
+        base = flops(trunk, x[:1]) + flops(layer, h) + k * flops(rest, z)
+        out = []
+        for r in ranks:
+            if r < min(layer.weight.shape):
+                ad = LowRankAdapter(layer.in_features, r, layer.out_features, layer.bias is not None)
+                out.append((r, (base + k * flops(ad, h)) / model_flops))
+        return out
+
+    fits = lambda c: c <= opts.max_parity_cost + 1e-9  # noqa: E731
+    rank_grid = list(DEFAULT_RANKS) if opts.rank == "auto" else ([] if opts.rank is None else [opts.rank])
     if split != "auto":
-        return [(split, cost(split))]
-    out = []
+        if isinstance(opts.rank, int):
+            shapes = [(split, r, c) for r, c in lowrank_costs(split, [opts.rank])]
+            if not shapes:
+                raise SplitError(
+                    f"rank={opts.rank} needs {split!r} to be an nn.Linear that alone reads the features, "
+                    "with rank below its smaller dimension"
+                )
+            return shapes
+        return [(split, None, full_cost(split))]
+    out: list[tuple[str, int | None, float]] = []
     for s in split_candidates(model):
         if s == INPUT and k > opts.max_parity_cost:
             continue
-        c = cost(s)
-        if c > opts.max_parity_cost + 1e-9:
+        out += [(s, r, c) for r, c in lowrank_costs(s, rank_grid) if fits(c)]
+        c = full_cost(s)
+        if not fits(c):
             continue
         if opts.refit and s != INPUT:
             trunk, head = split_model(model, s)
@@ -585,7 +799,7 @@ def _choose_splits(
             _, layer = _call_order(head.eval(), h)[0]
             if not _refittable(layer):
                 continue  # a head starting with BatchNorm etc. cannot be refit
-        out.append((s, c))
+        out.append((s, None, c))
     if not out:
         raise SplitError(
             f"no split point of {type(model).__name__} fits max_parity_cost={opts.max_parity_cost} "

@@ -76,21 +76,23 @@ def _plain_sequential(model: nn.Module) -> bool:
     return isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward
 
 
-def _sequential_split(model: nn.Sequential, split: str) -> tuple[nn.Module, nn.Module] | None:
+def _sequential_split(model: nn.Sequential, split: str, after: bool) -> tuple[nn.Module, nn.Module] | None:
     names = [n for n, _ in model.named_children()]
     if split not in names:
         return None
-    i = names.index(split)
+    i = names.index(split) + (1 if after else 0)
     return model[:i], model[i:]
 
 
-def split_model(model: nn.Module, split: str) -> tuple[nn.Module, nn.Module]:
+def split_model(model: nn.Module, split: str, after: bool = False) -> tuple[nn.Module, nn.Module]:
     """Split ``model`` into ``(trunk, head)`` so that ``head(trunk(x)) == model(x)``.
 
     Args:
         model: a classifier; it is deep-copied, never modified.
         split: the name of the module where the head starts (e.g. ``"fc1"``,
             ``"layers.6"``), or ``"input"`` (trunk = identity).
+        after: cut right after the (single) call of module ``split`` instead
+            of before it: the trunk ends with that module's output.
 
     Raises:
         SplitError: unknown module name, a model torch.fx cannot trace, a
@@ -101,6 +103,8 @@ def split_model(model: nn.Module, split: str) -> tuple[nn.Module, nn.Module]:
         raise SplitError(f"split must be a module name or {INPUT!r}, got {split!r}")
     model = copy.deepcopy(model).eval()  # fx records self.training as a constant: trace the eval branch
     if split == INPUT:
+        if after:
+            raise SplitError("after=True needs a module name, not 'input'")
         return nn.Identity(), model
     names = _module_names(model)
     if split not in names:
@@ -109,13 +113,20 @@ def split_model(model: nn.Module, split: str) -> tuple[nn.Module, nn.Module]:
             f"split {split!r} is not a module of {type(model).__name__}: expected {INPUT!r} or one of {shown}"
         )
     if _plain_sequential(model):
-        parts = _sequential_split(model, split)
+        parts = _sequential_split(model, split, after)
         if parts is not None:
             return parts
     t = _trace(model)
     cut = _cut_index(t, split)
     if cut is None:
         raise SplitError(f"module {split!r} of {type(model).__name__} is never called by its forward()")
+    if after:
+        calls = [i for i, n in enumerate(t.nodes) if n.op == "call_module" and n.target == split]
+        if len(calls) != 1:
+            raise SplitError(
+                f"cannot cut after {split!r}: it must be a layer called exactly once, found {len(calls)} calls"
+            )
+        cut = calls[0] + 1
     crossing = _crossing(t, cut)
     extra_inputs = [n.name for n in crossing if n.op == "placeholder" and n is not t.nodes[0]]
     if extra_inputs:
