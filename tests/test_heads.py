@@ -540,7 +540,7 @@ def test_lowrank_bundle_round_trip_records_the_rank(tmp_path):
     m = json.loads((path / "manifest.json").read_text())
     m["parities"][0]["rank"] = 500
     (path / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(BundleError, match="rank must be an integer in 1..120"):
+    with pytest.raises(BundleError, match="rank must be an integer in 1..119"):
         Bundle.load(path)
 
 
@@ -550,3 +550,37 @@ def test_a_bad_rank_is_refused():
         encode(models, Code(2, 1), torch.randn(20, 1, 28, 28), method="heads", rank=0)
     with pytest.raises(SplitError, match="rank=4 needs 'conv2'"):
         encode(models, Code(2, 1), torch.randn(20, 1, 28, 28), method="heads", split="conv2", rank=4)
+
+
+class _PerToken(nn.Module):
+    """A Linear applied per token to (N, L, D) features, then averaged: not the 2-D form."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc1, self.fc2 = nn.Linear(3, 8), nn.Linear(8, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(self.emb(x))).mean(-2))
+
+
+def test_a_linear_on_per_token_features_gets_whole_heads_not_the_lowrank_form():
+    from coinfer.heads import lowrank_layer
+
+    torch.manual_seed(0)
+    models = [_PerToken().eval(), _PerToken().eval()]
+    x = torch.randn(40, 5, 3)
+    trunk, _ = split_model(models[0], "fc1")
+    assert lowrank_layer(models[0], "fc1", trunk(x[:2])) is None
+    coded = encode(models, Code(2, 1), x, method="heads", max_parity_cost=3)
+    assert None in coded.info["rank"] or coded.info["split"] != ["fc1"]
+    assert coded[0](x[:3]).shape == (3, 4)
+
+
+def test_encoding_does_not_advance_the_callers_rng():
+    models = _shift_models(seed=10)
+    x = torch.randn(40, 1, 28, 28)
+    torch.manual_seed(123)
+    want = torch.rand(1)
+    torch.manual_seed(123)
+    encode(models, Code(2, 1), x, method="heads", split="fc1", rank=4)
+    assert torch.equal(torch.rand(1), want)

@@ -22,6 +22,16 @@ the calibration inputs, shrunk toward the original weights,
 calibration inputs by how often the parity reconstructs an erased model's
 top-1. ``α → ∞`` is the copied head, so the grid contains the copy.
 
+**Low-rank form.** Where the split layer is an ``nn.Linear`` that alone reads
+the features (LeNet-5's ``fc1``), whole per-model copies of it are often the
+costliest part of the parity (k × 14% of LeNet-5's FLOPs). The low-rank form
+keeps that layer merged and shared, ``S``, and gives each model a rank-ρ
+correction: ``head_i(S h + U_i V_iᵀ h + c_i)``. The correction is the ridge
+solution ``B_i`` above, written as ``S + B_i``, truncated to rank ρ in the norm
+of the merged features (reduced-rank regression: project ``B_i`` on the top-ρ
+eigenvectors of ``B_iᵀ XᵀX B_i``). ``split="auto"`` tries ranks
+:data:`DEFAULT_RANKS` beside the whole heads, within ``max_parity_cost``.
+
 The parity is a plain ``nn.Module`` returning logits, so decoding, bundles and
 serving treat it like any coded model; :meth:`HeadsParity.structure` is what a
 bundle records to rebuild it (:func:`build_parity`).
@@ -157,16 +167,23 @@ class LowRankAdapter(nn.Module):
     def __init__(self, in_features: int, rank: int, out_features: int, bias: bool = True):
         super().__init__()
         self.rank = rank
-        self.down = nn.Linear(in_features, rank, bias=False)
-        self.up = nn.Linear(rank, out_features, bias=bias)
+        with torch.random.fork_rng(devices=[]):  # a skeleton: leave the caller's RNG alone
+            self.down = nn.Linear(in_features, rank, bias=False)
+            self.up = nn.Linear(rank, out_features, bias=bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(h))
 
 
-def lowrank_layer(model: nn.Module, split: str) -> nn.Linear | None:
+#: Widest design (input features + bias) a refit solves for: its Gram matrix is (D+1)² float64.
+MAX_DESIGN = 8192
+
+
+def lowrank_layer(model: nn.Module, split: str, features: torch.Tensor | None = None) -> nn.Linear | None:
     """The ``nn.Linear`` named ``split`` if the head from ``split`` is exactly
-    ``rest(layer(features))`` (the form a low-rank parity needs), else None."""
+    ``rest(layer(features))`` on 2-D ``(batch, in_features)`` features (the
+    form a low-rank parity needs), else None. ``features``: real trunk outputs
+    to check on (default: random ones of the layer's width)."""
     if split == INPUT:
         return None
     try:
@@ -175,11 +192,16 @@ def lowrank_layer(model: nn.Module, split: str) -> nn.Linear | None:
         return None
     if not isinstance(layer, nn.Linear):
         return None
+    if features is not None and (features.ndim != 2 or features.shape[1] != layer.in_features):
+        return None
+    if layer.in_features + 1 > MAX_DESIGN:
+        return None
     try:
         trunk, head = split_model(model, split)
         _, rest = split_model(model, split, after=True)
         with torch.no_grad():
-            h = torch.randn(2, layer.in_features)
+            g = torch.Generator().manual_seed(0)
+            h = features[:2] if features is not None else torch.randn(2, layer.in_features, generator=g)
             ok = torch.allclose(head(h), rest(layer(h)), atol=1e-5)
     except (SplitError, RuntimeError):
         return None
@@ -216,8 +238,10 @@ def build_parity(model: nn.Module, structure: Mapping[str, Any]) -> HeadsParity:
             raise SplitError(
                 f"a low-rank parity needs {split!r} to be an nn.Linear that alone reads the features"
             )
-        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= min(layer.weight.shape):
-            raise SplitError(f"parity rank must be an integer in 1..{min(layer.weight.shape)}, got {rank!r}")
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank < min(layer.weight.shape):
+            raise SplitError(
+                f"parity rank must be an integer in 1..{min(layer.weight.shape) - 1}, got {rank!r}"
+            )
         trunk, _ = split_model(model, split)
         _, rest = split_model(model, split, after=True)
         adapters = [
@@ -431,6 +455,12 @@ class _RefitStats:
 
 
 def _stats(layer: nn.Module, a_in: torch.Tensor, t_out: torch.Tensor) -> _RefitStats:
+    width = layer.weight[0].numel() + (layer.bias is not None)
+    if width > MAX_DESIGN:
+        raise SplitError(
+            f"cannot refit a layer reading {width} values per output (limit {MAX_DESIGN}): its ridge "
+            "problem would not fit in memory; choose a later split or refit=False"
+        )
     x = _design(layer, a_in)
     gram = x.T @ x
     return _RefitStats(
@@ -697,7 +727,7 @@ class _LowRankFitted:
             layer_i = models[i].get_submodule(split)
             with torch.no_grad():
                 t_own = layer_i(t_i.eval()(x))
-            cross = x_design.T @ t_own.double() - self.gram @ s_mat.T
+            cross = x_design.T @ _targets(self.shared, t_own) - self.gram @ s_mat.T
             self.problems.append(
                 _RefitStats(
                     self.gram, cross, _weight_matrix(layer_i) - s_mat, float(self.gram.diagonal().mean())
@@ -706,34 +736,41 @@ class _LowRankFitted:
         self.bias = self.shared.bias is not None
         self._cache: dict[float, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
-    def _solutions(self, alpha: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per member: the full correction B ((D[+1]) x out) and the eigenvectors of BᵀXᵀXB, descending."""
+    def _solutions(self, alpha: float) -> list[tuple[torch.Tensor, torch.Tensor, _RefitStats]]:
+        """Per member: the full correction B ((D[+1]) x out), the eigenvectors of
+        Bᵀ(XᵀX + λI)B (descending: the exact reduced-rank ridge directions) and
+        the member's statistics."""
         if alpha not in self._cache:
             out = []
             for st in self.problems:
+                eye = torch.eye(st.gram.shape[0], dtype=st.gram.dtype)
                 if math.isfinite(alpha):
                     lam = alpha * max(st.scale, 1e-12)
-                    a = st.gram + lam * torch.eye(st.gram.shape[0], dtype=st.gram.dtype)
-                    b = torch.linalg.solve(a, st.cross + lam * st.w0.T)
+                    b = torch.linalg.solve(st.gram + lam * eye, st.cross + lam * st.w0.T)
+                    m = b.T @ (st.gram + lam * eye) @ b
                 else:
                     b = st.w0.T.clone()
-                m = b.T @ self.gram @ b
+                    m = b.T @ st.gram @ b
                 _, vecs = torch.linalg.eigh((m + m.T) / 2)
-                out.append((b, vecs.flip(1)))
+                out.append((b, vecs.flip(1), st))
             self._cache[alpha] = out
         return self._cache[alpha]
 
     def parity(self, alpha, rank, weights, members, split) -> HeadsParity:
         d_in, d_out = self.shared.in_features, self.shared.out_features
         adapters = []
-        for b, vecs in self._solutions(alpha):
+        for b, vecs, st in self._solutions(alpha):
             q = vecs[:, :rank]  # (out, ρ)
+            w_corr = b[:d_in] @ q  # (D, ρ): the truncated weight correction is w_corr qᵀ
             ad = LowRankAdapter(d_in, rank, d_out, self.bias)
             with torch.no_grad():
-                ad.down.weight.copy_((b[:d_in] @ q).T.float())
+                ad.down.weight.copy_(w_corr.T.float())
                 ad.up.weight.copy_(q.float())
                 if self.bias:
-                    ad.up.bias.copy_((b[d_in] @ q @ q.T).float())
+                    # a bias costs nothing: the least-squares bias given the truncated weights
+                    n = st.gram[d_in, d_in]
+                    c = (st.cross[d_in] - st.gram[d_in, :d_in] @ w_corr @ q.T) / n
+                    ad.up.bias.copy_(c.float())
             adapters.append(ad)
         heads = [copy.deepcopy(r) for r in self.rests]
         return HeadsParity(self.trunk, heads, weights, members, split, self.shared, adapters).eval()
@@ -756,24 +793,32 @@ def _choose_shapes(
         return (flops(trunk, x[:1]) + k * flops(head, h)) / model_flops
 
     def lowrank_costs(s: str, ranks: Sequence[int]) -> list[tuple[int, float]]:
-        layer = lowrank_layer(model, s)
-        if layer is None:
+        if not ranks or s == INPUT:
             return []
         trunk, _ = split_model(model, s)
+        with torch.no_grad():
+            h = trunk.eval()(x[:2])
+        layer = lowrank_layer(model, s, h)
+        if layer is None:
+            return []
         _, rest = split_model(model, s, after=True)
         with torch.no_grad():
-            h = trunk.eval()(x[:1])
-            z = layer(h)
-        base = flops(trunk, x[:1]) + flops(layer, h) + k * flops(rest, z)
+            z = layer(h[:1])
+        base = flops(trunk, x[:1]) + flops(layer, h[:1]) + k * flops(rest, z)
+        whole = full_cost(s)
         out = []
         for r in ranks:
             if r < min(layer.weight.shape):
                 ad = LowRankAdapter(layer.in_features, r, layer.out_features, layer.bias is not None)
-                out.append((r, (base + k * flops(ad, h)) / model_flops))
+                c = (base + k * flops(ad, h[:1])) / model_flops
+                if c < whole:  # a correction that costs more than the whole layers is pointless
+                    out.append((r, c))
         return out
 
     fits = lambda c: c <= opts.max_parity_cost + 1e-9  # noqa: E731
     rank_grid = list(DEFAULT_RANKS) if opts.rank == "auto" else ([] if opts.rank is None else [opts.rank])
+    if not opts.refit:
+        rank_grid = []  # the low-rank form is a refit (a regression on the calibration features)
     if split != "auto":
         if isinstance(opts.rank, int):
             shapes = [(split, r, c) for r, c in lowrank_costs(split, [opts.rank])]
