@@ -98,6 +98,12 @@ def _small_models(spec, x, y, k=2, r=1):
     return base, models, Code(k, r)
 
 
+def _rebuild(spec):
+    from coinfer import build_model
+
+    return build_model(spec)
+
+
 def _check_every_method_builds_same_architecture(spec, x, y, r=1):
     base, models, code = _small_models(spec, x, y, r=r)
     cfg = ExperimentConfig(
@@ -115,11 +121,19 @@ def _check_every_method_builds_same_architecture(spec, x, y, r=1):
         coded, info = v.build()
         assert len(coded) == code.r, v.label
         for c in coded:
-            assert type(c) is type(models[0])
             sd = c.state_dict()
+            assert all(torch.isfinite(t).all() for t in sd.values() if t.is_floating_point())
+            with torch.no_grad():
+                assert c(x[:3]).shape == models[0](x[:3]).shape, v.label
+            if PRESETS[v.family].method == "heads":  # a merged trunk + per-model heads, rebuilt from its structure
+                from coinfer.heads import HeadsParity, build_parity
+
+                assert isinstance(c, HeadsParity) and info["parity_cost"] >= 1.0
+                build_parity(_rebuild(spec), c.structure()).load_state_dict(sd)
+                continue
+            assert type(c) is type(models[0])
             assert sd.keys() == ref.keys()
             assert all(sd[n].shape == ref[n].shape for n in ref)
-            assert all(torch.isfinite(t).all() for t in sd.values() if t.is_floating_point())
         assert "seconds" in info and "forward_passes" in info
 
 

@@ -130,7 +130,10 @@ class HeadsParity(nn.Module):
         self.meta: dict[str, Any] = {}  #: build facts the manifest records (trunk, parity_cost, ...)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.trunk(x)
+        return self.mix(self.trunk(x))
+
+    def mix(self, h: torch.Tensor) -> torch.Tensor:
+        """The parity's logits from the trunk's features ``h``."""
         if self.adapters is None:
             outs = [head(h) for head in self.heads]
         else:
@@ -597,6 +600,7 @@ def encode_heads(
             by_split.setdefault(split, []).append((rank, cost))
         for split, variants in by_split.items():
             refit = opts.refit and split != INPUT  # at the input the features are the model's own
+            h_val = None
             for kind in ("full", "lowrank"):
                 ranks = [(r, c) for r, c in variants if (r is None) == (kind == "full")]
                 if not ranks:
@@ -610,7 +614,9 @@ def encode_heads(
                     for rank, cost in ranks:
                         par = fitted.parity(alpha, rank, weights, members, split)
                         with torch.no_grad():
-                            pc = torch.softmax(par(x_val), -1).double()
+                            if h_val is None:  # the trunk is the same for every α and rank
+                                h_val = par.trunk(x_val)
+                            pc = torch.softmax(par.mix(h_val), -1).double()
                         agree, neg_err = _score(pc, probs_val, row)
                         tried.append(
                             {
