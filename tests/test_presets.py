@@ -71,11 +71,20 @@ def test_variants_labels_params_and_order_are_those_of_the_committed_results():
         "distill-calib n=20 E=3",
         "coin+distill-calib n=20 E=1",
         "coin+distill-train n=20 E=1",
+        "heads split=auto n=10",
+        "heads split=auto n=20",
+        "heads-coin split=auto n=10",
+        "heads-coin split=auto n=20",
+        "heads-copy split=auto n=10",
+        "heads-copy split=auto n=20",
+        "heads-1.5 n=10",
+        "heads-1.5 n=20",
         "base",
         "substitute",
         "default",
     ]
     by = {v.label: v for v in vs}
+    assert by["heads split=auto n=20"].params == {"split": "auto", "calibration": 20}
     assert by["coin-exact n=10"].params == {"calibration": 10, "eps": 1e-12}
     assert by["average"].params == {} and by["distill-common E=3"].params == {"epochs": 3}
     assert by["coin+distill-train n=20 E=1"].params == {"calibration": 20, "epochs": 1}

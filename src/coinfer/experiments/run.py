@@ -335,7 +335,7 @@ def evaluate_variant(
                 ],
             }
         )
-        for key in ("fisher_totals", "fallback_entries"):
+        for key in ("fisher_totals", "fallback_entries", "split", "rank", "alpha", "parity_costs"):
             if key in info:
                 rec[key] = info[key]
     rec["val"] = summarize(rows_val)
