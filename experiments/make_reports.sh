@@ -12,6 +12,12 @@ rep mnist_k2r1 mnist_class-split_k2r1 mnist_dirichlet_k2r1 mnist_iid_k2r1
 rep mnist_class-split_k mnist_class-split_k2r1 mnist_class-split_k3r1 mnist_class-split_k4r1 mnist_class-split_k3r2
 rep fashion_k2r1 fashion_class-split_k2r1 fashion_dirichlet_k2r1 fashion_iid_k2r1
 rep cifar10_reduced cifar10_class-split_k2r1_reduced cifar10_dirichlet_k2r1_reduced cifar10_iid_k2r1_reduced
+# issue 8: the heads runs (each config rerun as <config>_heads), and the tables that lead docs/results.md
+rep heads_mnist_class-split_k mnist_class-split_k2r1_heads mnist_class-split_k3r1_heads mnist_class-split_k4r1_heads mnist_class-split_k3r2_heads
+rep heads_mnist_k2r1 mnist_class-split_k2r1_heads mnist_dirichlet_k2r1_heads mnist_iid_k2r1_heads
+rep heads_fashion_k2r1 fashion_class-split_k2r1_heads fashion_dirichlet_k2r1_heads fashion_iid_k2r1_heads
+rep heads_cifar10_reduced cifar10_class-split_k2r1_reduced_heads cifar10_dirichlet_k2r1_reduced_heads cifar10_iid_k2r1_reduced_heads
 for f in $R/*/seed*/results.*; do
   d=experiments/results/$(basename $(dirname $(dirname $f)))/$(basename $(dirname $f)); mkdir -p $d; cp $f $d/
 done
+python experiments/summarize_heads.py > docs/results/heads_summary.md && echo docs/results/heads_summary.md
