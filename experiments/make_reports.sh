@@ -7,7 +7,7 @@ set -e
 cd "$(dirname "$0")/.."
 R=runs/experiments
 rep() { out=$1; shift; dirs=(); for d in "$@"; do [ -d "$R/$d" ] && dirs+=("$R/$d"); done
-  [ ${#dirs[@]} -gt 0 ] && coinfer report "${dirs[@]}" --out "docs/results/$out" > /dev/null && echo "docs/results/$out"; }
+  if [ ${#dirs[@]} -gt 0 ]; then coinfer report "${dirs[@]}" --out "docs/results/$out" > /dev/null && echo "docs/results/$out"; fi; }
 rep mnist_k2r1 mnist_class-split_k2r1 mnist_dirichlet_k2r1 mnist_iid_k2r1
 rep mnist_class-split_k mnist_class-split_k2r1 mnist_class-split_k3r1 mnist_class-split_k4r1 mnist_class-split_k3r2
 rep fashion_k2r1 fashion_class-split_k2r1 fashion_dirichlet_k2r1 fashion_iid_k2r1
