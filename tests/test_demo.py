@@ -35,9 +35,10 @@ def test_demo_trains_encodes_and_measures_every_erasure(tmp_path):
     # model's own answer almost always, where every weight-space parity manages about 0.6
     heads = rows["heads"]
     assert [heads[j]["reconstruction_acc"] for j in (0, 1)] == pytest.approx([0.991, 0.996], abs=TOL)
-    assert min(heads[j]["reconstruction_acc"] for j in (0, 1)) > max(
-        coin[j]["reconstruction_acc"] for j in (0, 1)
-    ) + 0.25
+    assert (
+        min(heads[j]["reconstruction_acc"] for j in (0, 1))
+        > max(coin[j]["reconstruction_acc"] for j in (0, 1)) + 0.25
+    )
     assert res["methods"]["heads"]["coded_tv"][0] < 0.05
     assert res["methods"]["heads"]["parity_cost"] == pytest.approx(1280 / 9472 + 1)  # the 64 -> 10 head
     b = Bundle.load(res["bundle"])

@@ -125,7 +125,9 @@ def _check_every_method_builds_same_architecture(spec, x, y, r=1):
             assert all(torch.isfinite(t).all() for t in sd.values() if t.is_floating_point())
             with torch.no_grad():
                 assert c(x[:3]).shape == models[0](x[:3]).shape, v.label
-            if PRESETS[v.family].method == "heads":  # a merged trunk + per-model heads, rebuilt from its structure
+            if (
+                PRESETS[v.family].method == "heads"
+            ):  # a merged trunk + per-model heads, rebuilt from its structure
                 from coinfer.heads import HeadsParity, build_parity
 
                 assert isinstance(c, HeadsParity) and info["parity_cost"] >= 1.0

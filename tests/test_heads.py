@@ -490,7 +490,9 @@ def test_lowrank_parity_of_identical_models_is_the_model():
     assert coded.info["rank"] == [8] and coded[0].adapters is not None
     xt = torch.randn(5, 1, 28, 28)
     with torch.no_grad():
-        torch.testing.assert_close(torch.softmax(coded[0](xt), -1), torch.softmax(m(xt), -1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            torch.softmax(coded[0](xt), -1), torch.softmax(m(xt), -1), atol=1e-5, rtol=0
+        )
 
 
 def test_lowrank_correction_error_falls_with_the_rank():
