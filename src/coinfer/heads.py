@@ -51,6 +51,7 @@ from torch import nn
 
 from coinfer.encoders import (
     CoinOptions,
+    _bn_modules,
     _expect,
     _finish_buffers,
     _is_int,
@@ -474,19 +475,7 @@ def _stats(layer: nn.Module, a_in: torch.Tensor, t_out: torch.Tensor) -> _RefitS
 def _own_outputs(head: nn.Module, h_own: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """Each named layer's output when the model's own head runs on its own features."""
     mods = dict(head.named_modules())
-    outs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    hooks = [
-        mods[n].register_forward_hook(lambda mod, args, out, n=n: outs[n].append(out.detach().clone()))
-        for n in names
-    ]
-    try:
-        with torch.no_grad():
-            for s in range(0, len(h_own), 256):
-                head(h_own[s : s + 256])
-    finally:
-        for hk in hooks:
-            hk.remove()
-    return {n: torch.cat(v) for n, v in outs.items()}
+    return {n: _layer_io(mods[n], head, h_own)[1] for n in names}
 
 
 def _fit_head(
@@ -513,18 +502,6 @@ def _fit_head(
             st = _stats(layer, a_in, targets[name])
         refit_layer(layer, st, alpha)
     return head
-
-
-def _refit_stats(
-    layer_name: str, head_i: nn.Module, h_merged: torch.Tensor, h_own: torch.Tensor
-) -> _RefitStats:
-    """Ridge statistics of one layer: its input on the merged features, its
-    output on the model's own features (both through ``head_i`` as it is)."""
-    layer = dict(head_i.named_modules())[layer_name]
-    _check_refittable(layer_name, layer)
-    a_merged, _ = _layer_io(layer, head_i, h_merged)
-    _, t_own = _layer_io(layer, head_i, h_own)
-    return _stats(layer, a_merged, t_own)
 
 
 def refit_layer(layer: nn.Module, stats: _RefitStats, alpha: float) -> None:
@@ -789,34 +766,27 @@ def _choose_shapes(
     (or at every candidate whose cost fits), plus low-rank forms where the
     split layer is an ``nn.Linear`` reading the features alone."""
 
-    def flops(m: nn.Module, inp: torch.Tensor) -> int:
-        return count_flops(m, inp)
-
-    def full_cost(s: str) -> float:
+    def pieces(s: str) -> tuple[nn.Module, nn.Module, torch.Tensor, float]:
+        """Trunk, head, the trunk's features of two inputs, and the whole-heads cost."""
         trunk, head = split_model(model, s)
         with torch.no_grad():
-            h = trunk.eval()(x[:1])
-        return (flops(trunk, x[:1]) + k * flops(head, h)) / model_flops
-
-    def lowrank_costs(s: str, ranks: Sequence[int]) -> list[tuple[int, float]]:
-        if not ranks or s == INPUT:
-            return []
-        trunk, _ = split_model(model, s)
-        with torch.no_grad():
             h = trunk.eval()(x[:2])
-        layer = lowrank_layer(model, s, h)
+        cost = (count_flops(trunk, x[:1]) + k * count_flops(head.eval(), h[:1])) / model_flops
+        return trunk, head, h, cost
+
+    def lowrank_costs(s: str, ranks: Sequence[int], trunk, h, whole: float) -> list[tuple[int, float]]:
+        layer = lowrank_layer(model, s, h) if ranks and s != INPUT else None
         if layer is None:
             return []
         _, rest = split_model(model, s, after=True)
         with torch.no_grad():
             z = layer(h[:1])
-        base = flops(trunk, x[:1]) + flops(layer, h[:1]) + k * flops(rest, z)
-        whole = full_cost(s)
+        base = count_flops(trunk, x[:1]) + count_flops(layer, h[:1]) + k * count_flops(rest, z)
         out = []
         for r in ranks:
             if r < min(layer.weight.shape):
                 ad = LowRankAdapter(layer.in_features, r, layer.out_features, layer.bias is not None)
-                c = (base + k * flops(ad, h[:1])) / model_flops
+                c = (base + k * count_flops(ad, h[:1])) / model_flops
                 if c < whole:  # a correction that costs more than the whole layers is pointless
                     out.append((r, c))
         return out
@@ -826,31 +796,27 @@ def _choose_shapes(
     if not opts.refit:
         rank_grid = []  # the low-rank form is a refit (a regression on the calibration features)
     if split != "auto":
+        trunk, _, h, whole = pieces(split)
         if isinstance(opts.rank, int):
-            shapes = [(split, r, c) for r, c in lowrank_costs(split, [opts.rank])]
+            shapes = [(split, r, c) for r, c in lowrank_costs(split, [opts.rank], trunk, h, math.inf)]
             if not shapes:
                 raise SplitError(
                     f"rank={opts.rank} needs {split!r} to be an nn.Linear that alone reads the features, "
                     "with rank below its smaller dimension"
                 )
             return shapes
-        return [(split, None, full_cost(split))]
+        return [(split, None, whole)]
     out: list[tuple[str, int | None, float]] = []
     for s in split_candidates(model):
         if s == INPUT and k > opts.max_parity_cost:
             continue
-        out += [(s, r, c) for r, c in lowrank_costs(s, rank_grid) if fits(c)]
-        c = full_cost(s)
-        if not fits(c):
+        trunk, head, h, whole = pieces(s)
+        out += [(s, r, c) for r, c in lowrank_costs(s, rank_grid, trunk, h, whole) if fits(c)]
+        if not fits(whole):
             continue
-        if opts.refit and s != INPUT:
-            trunk, head = split_model(model, s)
-            with torch.no_grad():
-                h = trunk.eval()(x[:1])
-            _, layer = _call_order(head.eval(), h)[0]
-            if not _refittable(layer):
-                continue  # a head starting with BatchNorm etc. cannot be refit
-        out.append((s, None, c))
+        if opts.refit and s != INPUT and not _refittable(_call_order(head.eval(), h)[0][1]):
+            continue  # a head starting with BatchNorm etc. cannot be refit
+        out.append((s, None, whole))
     if not out:
         raise SplitError(
             f"no split point of {type(model).__name__} fits max_parity_cost={opts.max_parity_cost} "
@@ -884,7 +850,8 @@ def _heads(models, code, x, y, opts: HeadsOptions):
         info = {"calibration_samples": n, "forward_passes": 0, "backward_passes": 0}
     for m, row in zip(merged, code.weights, strict=True):
         _finish_buffers(m, models, row, x, "recompute")
-    info["forward_passes"] += code.r * n
+    if _bn_modules(models[0]):
+        info["forward_passes"] += code.r * n  # the merged trunks' BatchNorm statistics
     parities, hinfo = encode_heads(models, code.weights, x, merged, opts)
     info["forward_passes"] += hinfo.pop("heads_forward_samples")
     info.update(hinfo)
