@@ -146,50 +146,38 @@ def lead_table() -> str:
     return "\n".join(lines) + "\n"
 
 
-def sizes_table() -> str:
-    """Build cost at equal calibration size: every variant of heads, heads-coin
-    and coin-exact in the class-split LeNet-5 runs (test metrics, all variants,
-    not only the chosen ones)."""
-    lines = [
-        "| config | variant | seeds | test recon acc | build s | parity cost |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name in [c for c in CONFIGS if "class-split" in c and not c.startswith("cifar10")]:
+def _variants_table(configs: list[str], keep, with_val: bool) -> str:
+    """Every variant (not only the chosen ones) of the families ``keep(family)``
+    accepts, per config: test (and validation) reconstruction, build s, parity cost."""
+    head = "| config | variant | seeds | " + ("val recon acc | " if with_val else "")
+    lines = [head + "test recon acc | build s | parity cost |", "|---" * (6 + with_val) + "|"]
+    for name in configs:
         by_label: dict[str, list[dict]] = {}
         for run in _runs(name + "_heads").values():
             for m in run["methods"]:
-                if m["family"] in ("heads", "heads-coin", "coin-exact"):
+                if keep(m["family"]):
                     by_label.setdefault(m["label"], []).append(m)
         for label, ms in by_label.items():
+            val = f"{_ms([m['val']['reconstruction_acc'] for m in ms])} | " if with_val else ""
             lines.append(
-                f"| {name} | {label} | {len(ms)} | {_ms([m['test']['reconstruction_acc'] for m in ms])} | "
+                f"| {name} | {label} | {len(ms)} | {val}{_ms([m['test']['reconstruction_acc'] for m in ms])} | "
                 f"{statistics.mean(m['seconds'] for m in ms):.2f} | "
                 f"{statistics.mean(m.get('parity_cost', 1.0) for m in ms):.3f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def sizes_table() -> str:
+    """Build cost at equal calibration size: every heads, heads-coin and coin-exact
+    variant of the class-split LeNet-5 runs."""
+    lenet = [c for c in CONFIGS if "class-split" in c and not c.startswith("cifar10")]
+    return _variants_table(lenet, lambda f: f in ("heads", "heads-coin", "coin-exact"), with_val=False)
 
 
 def splits_table() -> str:
     """Every heads variant of the CIFAR-10 runs (one per split point and calibration size)."""
-    lines = [
-        "| config | variant | seeds | val recon acc | test recon acc | build s | parity cost |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name in [c for c in CONFIGS if c.startswith("cifar10")]:
-        new = _runs(name + "_heads")
-        by_label: dict[str, list[dict]] = {}
-        for run in new.values():
-            for m in run["methods"]:
-                if m["family"].startswith("heads"):
-                    by_label.setdefault(m["label"], []).append(m)
-        for label, ms in by_label.items():
-            lines.append(
-                f"| {name} | {label} | {len(ms)} | {_ms([m['val']['reconstruction_acc'] for m in ms])} | "
-                f"{_ms([m['test']['reconstruction_acc'] for m in ms])} | "
-                f"{statistics.mean(m['seconds'] for m in ms):.2f} | "
-                f"{statistics.mean(m.get('parity_cost', 1.0) for m in ms):.3f} |"
-            )
-    return "\n".join(lines) + "\n"
+    cifar = [c for c in CONFIGS if c.startswith("cifar10")]
+    return _variants_table(cifar, lambda f: f.startswith("heads"), with_val=True)
 
 
 def main() -> None:
