@@ -25,6 +25,11 @@ from coinfer import build_model, diagonal_fisher
 SHAPES = {"lenet5": (1, 28, 28), "resnet20": (3, 32, 32)}
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def rate(model, x, estimator, backend, batch_size, labels=None, repeats=2) -> float:
     w = min(4, len(x))
     diagonal_fisher(
@@ -38,8 +43,10 @@ def rate(model, x, estimator, backend, batch_size, labels=None, repeats=2) -> fl
     )
     best = float("inf")
     for _ in range(repeats):
+        _sync(x.device)
         t = time.perf_counter()
         diagonal_fisher(model, x, estimator, labels=labels, batch_size=batch_size, backend=backend, seed=0)
+        _sync(x.device)
         best = min(best, time.perf_counter() - t)
     return len(x) / best
 
@@ -52,14 +59,16 @@ def main() -> None:
     ap.add_argument("--chunks", default="4,8,16,32,64,128", help="vmap chunk sizes swept")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fisher.json"))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (timings include a device synchronise)")
     args = ap.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows, sweep = [], []
     for arch in args.archs.split(","):
-        model = build_model(arch).eval()
-        x = torch.randn(args.samples, *SHAPES[arch])
-        y = torch.randint(0, 10, (args.samples,))
+        model = build_model(arch).eval().to(device)
+        x = torch.randn(args.samples, *SHAPES[arch]).to(device)
+        y = torch.randint(0, 10, (args.samples,)).to(device)
         for est in ("exact", "sampled", "empirical"):
             lab = y if est == "empirical" else None
             lay = rate(model, x, est, "layers", None, lab)
@@ -103,6 +112,7 @@ def main() -> None:
         "threads": args.threads,
         "platform": platform.platform(),
         "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "processor": platform.processor(),
         "load_average_at_end": os.getloadavg(),
     }

@@ -50,8 +50,9 @@ def _free_port() -> int:
 
 def start_server(bundle: Path, extra: list[str], log: Path) -> tuple[subprocess.Popen, str, str]:
     port, admin_port = _free_port(), _free_port()
+    exe = Path(sys.executable).parent / "coinfer"  # this interpreter's entry point, else the module
     cmd = [
-        str(Path(sys.executable).parent / "coinfer"),
+        *([str(exe)] if exe.exists() else [sys.executable, "-m", "coinfer.cli"]),
         "serve",
         str(bundle),
         f"--port={port}",
