@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("env", "fisher", "encode", "serve", "tail")
+PARTS = ("env", "pytest", "fisher", "encode", "serve", "tail")
 
 
 def _sync(device: torch.device) -> None:
@@ -68,6 +68,17 @@ def part_env(args: argparse.Namespace) -> dict:
     except Exception as exc:  # recorded, the serving parts will fail with the reason
         info["ray"] = f"not importable: {exc}"
     return info
+
+
+def part_pytest(args: argparse.Namespace) -> dict:
+    """tests/test_cuda.py: Fisher, encoders and decoding on the device equal the CPU's."""
+    res = _run(
+        [sys.executable, "-m", "pytest", "tests/test_cuda.py", "-q", "-p", "no:cacheprovider"],
+        args.out / "pytest.log",
+        240,
+    )
+    res["tail"] = (args.out / "pytest.log").read_text()[-1500:]
+    return res
 
 
 def part_fisher(args: argparse.Namespace) -> dict:

@@ -510,7 +510,7 @@ def _distill(models, code: Code, x, y, opts: DistillOptions):
         probs = torch.stack([predict_probs(m, data) for m in models])  # (k, N, C)
     coded, fwd, bwd, info_extra = [], 0, 0, {}
     for ri, row in enumerate(code.weights):
-        target = torch.einsum("k,knc->nc", torch.tensor(row, dtype=probs.dtype), probs)
+        target = torch.einsum("k,knc->nc", torch.tensor(row, dtype=probs.dtype, device=probs.device), probs)
         if isinstance(opts.init, nn.Module):
             student = copy.deepcopy(opts.init)
         elif opts.init == "random":

@@ -238,7 +238,8 @@ def _probs_and_labels(logits, y, estimator, gen):
         raise CalibrationError(f"model must return (batch, C) logits, got shape {tuple(logits.shape)}")
     probs = torch.softmax(logits, dim=-1)
     if estimator == "sampled":
-        y = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        # drawn on the CPU with the seeded CPU generator: the same labels whatever the device
+        y = torch.multinomial(probs.detach().cpu(), 1, generator=gen).squeeze(1).to(probs.device)
     if y is not None and ((y < 0).any() or (y >= probs.shape[1]).any()):
         raise CalibrationError(f"labels must lie in 0..{probs.shape[1] - 1}")
     return probs, y
@@ -253,8 +254,8 @@ def _accumulate(model, params, buffers, fisher, x, y, estimator, gen, state, jac
             drawn.update(probs=probs, y=labels)
             if estimator == "exact":
                 c = probs.shape[1]
-                return torch.arange(c).unsqueeze(1).expand(c, len(x)), probs.T
-            return labels.unsqueeze(0), torch.ones(1, len(x), dtype=probs.dtype)
+                return torch.arange(c, device=probs.device).unsqueeze(1).expand(c, len(x)), probs.T
+            return labels.unsqueeze(0), torch.ones(1, len(x), dtype=probs.dtype, device=probs.device)
 
         # on a failed first-chunk check nothing was added yet: fall back cleanly
         part = fisher if state["checked"] else {n: torch.zeros_like(f) for n, f in fisher.items()}

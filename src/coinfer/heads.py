@@ -205,7 +205,11 @@ def lowrank_layer(model: nn.Module, split: str, features: torch.Tensor | None = 
         _, rest = split_model(model, split, after=True)
         with torch.no_grad():
             g = torch.Generator().manual_seed(0)
-            h = features[:2] if features is not None else torch.randn(2, layer.in_features, generator=g)
+            h = (
+                features[:2]
+                if features is not None
+                else torch.randn(2, layer.in_features, generator=g).to(layer.weight.device)
+            )
             ok = torch.allclose(head(h), rest(layer(h)), atol=1e-5)
     except (SplitError, RuntimeError):
         return None
@@ -249,7 +253,9 @@ def build_parity(model: nn.Module, structure: Mapping[str, Any]) -> HeadsParity:
         trunk, _ = split_model(model, split)
         _, rest = split_model(model, split, after=True)
         adapters = [
-            LowRankAdapter(layer.in_features, rank, layer.out_features, layer.bias is not None)
+            LowRankAdapter(layer.in_features, rank, layer.out_features, layer.bias is not None).to(
+                layer.weight
+            )
             for _ in members
         ]
         heads = [copy.deepcopy(rest) for _ in members]
@@ -406,7 +412,7 @@ def _design(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
     x = x.double()
     if layer.bias is None:
         return x
-    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
 
 
 def _targets(layer: nn.Module, out: torch.Tensor) -> torch.Tensor:
@@ -508,7 +514,7 @@ def refit_layer(layer: nn.Module, stats: _RefitStats, alpha: float) -> None:
     """Set ``layer``'s weight (and bias) to the ridge solution at strength ``alpha``."""
     lam = alpha * max(stats.scale, 1e-12)
     d = stats.gram.shape[0]
-    a = stats.gram + lam * torch.eye(d, dtype=stats.gram.dtype)
+    a = stats.gram + lam * torch.eye(d, dtype=stats.gram.dtype, device=stats.gram.device)
     rhs = stats.cross + lam * stats.w0.T
     w = torch.linalg.solve(a, rhs).T  # (out, D) or (out, D + 1)
     d_w = layer.weight[0].numel()
@@ -521,7 +527,7 @@ def refit_layer(layer: nn.Module, stats: _RefitStats, alpha: float) -> None:
 def _score(pc: torch.Tensor, probs: torch.Tensor, row: Sequence[float]) -> tuple[float, float]:
     """(reconstruction agreement, −mean L1 error) of single erasures decoded
     from this parity's output ``pc`` (V, C) and the data outputs ``probs`` (k, V, C)."""
-    w = torch.tensor([float(v) for v in row], dtype=probs.dtype)
+    w = torch.tensor([float(v) for v in row], dtype=probs.dtype, device=probs.device)
     mix = torch.einsum("k,kvc->vc", w, probs)
     agree, err, n = 0.0, 0.0, 0
     for j in range(len(row)):
@@ -726,7 +732,7 @@ class _LowRankFitted:
         if alpha not in self._cache:
             out = []
             for st in self.problems:
-                eye = torch.eye(st.gram.shape[0], dtype=st.gram.dtype)
+                eye = torch.eye(st.gram.shape[0], dtype=st.gram.dtype, device=st.gram.device)
                 if math.isfinite(alpha):
                     lam = alpha * max(st.scale, 1e-12)
                     b = torch.linalg.solve(st.gram + lam * eye, st.cross + lam * st.w0.T)
@@ -745,7 +751,7 @@ class _LowRankFitted:
         for b, vecs, st in self._solutions(alpha):
             q = vecs[:, :rank]  # (out, ρ)
             w_corr = b[:d_in] @ q  # (D, ρ): the truncated weight correction is w_corr qᵀ
-            ad = LowRankAdapter(d_in, rank, d_out, self.bias)
+            ad = LowRankAdapter(d_in, rank, d_out, self.bias).to(self.shared.weight)
             with torch.no_grad():
                 ad.down.weight.copy_(w_corr.T.float())
                 ad.up.weight.copy_(q.float())
@@ -785,7 +791,7 @@ def _choose_shapes(
         out = []
         for r in ranks:
             if r < min(layer.weight.shape):
-                ad = LowRankAdapter(layer.in_features, r, layer.out_features, layer.bias is not None)
+                ad = LowRankAdapter(layer.in_features, r, layer.out_features, layer.bias is not None).to(h)
                 c = (base + k * count_flops(ad, h[:1])) / model_flops
                 if c < whole:  # a correction that costs more than the whole layers is pointless
                     out.append((r, c))
