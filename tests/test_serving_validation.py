@@ -9,6 +9,7 @@ import random
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from coinfer.errors import CoinferError
 from coinfer.serving.injection import Injection, parse_delay
@@ -123,12 +124,28 @@ def test_metrics_render_prometheus_text():
     m.worker(2, None, failed=True)
     m.timeout("uncoded")
     m.bad_request("bad_json")
-    text = m.render()
-    assert 'coinfer_requests_total{mode="coded",status="ok"} 2' in text
-    assert 'coinfer_request_latency_seconds_bucket{mode="coded",le="0.015"} 1' in text
-    assert 'coinfer_request_latency_seconds_bucket{mode="coded",le="+Inf"} 2' in text
-    assert 'coinfer_reconstructions_total{mode="coded"} 1' in text
-    assert 'coinfer_worker_failures_total{worker="2"} 1' in text
-    assert 'coinfer_timeouts_total{mode="uncoded"} 1' in text
-    assert 'coinfer_worker_latency_seconds_count{worker="0"} 1' in text
-    assert 'coinfer_bad_requests_total{reason="bad_json"} 1' in text
+    got = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(m.render())
+        for s in fam.samples
+    }
+    assert got[("coinfer_requests_total", (("mode", "coded"), ("status", "ok")))] == 2
+    assert got[("coinfer_request_latency_seconds_bucket", (("le", "0.015"), ("mode", "coded")))] == 1
+    assert got[("coinfer_request_latency_seconds_bucket", (("le", "+Inf"), ("mode", "coded")))] == 2
+    assert got[("coinfer_request_latency_seconds_sum", (("mode", "coded"),))] == pytest.approx(0.312)
+    assert got[("coinfer_reconstructions_total", (("mode", "coded"),))] == 1
+    assert got[("coinfer_worker_failures_total", (("worker", "2"),))] == 1
+    assert got[("coinfer_timeouts_total", (("mode", "uncoded"),))] == 1
+    assert got[("coinfer_worker_latency_seconds_count", (("worker", "0"),))] == 1
+    assert got[("coinfer_bad_requests_total", (("reason", "bad_json"),))] == 1
+    names = {fam.name for fam in text_string_to_metric_families(m.render())}
+    assert {
+        "coinfer_requests",
+        "coinfer_bad_requests",
+        "coinfer_request_latency_seconds",
+        "coinfer_reconstructions",
+        "coinfer_timeouts",
+        "coinfer_worker_latency_seconds",
+        "coinfer_worker_failures",
+    } <= names
+    assert Metrics().render().count("coinfer_requests_total{") == 0  # one registry per instance
