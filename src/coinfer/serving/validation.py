@@ -40,16 +40,18 @@ class RequestError(Exception):
         self.status, self.reason, self.message = status, reason, message
 
 
-FLOAT32_SAFE = 1e38
-"""Bound of the numbers in the published schema: larger ones overflow float32 (422 not_finite)."""
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+"""Largest magnitude accepted in inputs (the schema's bound; larger ones are a 422)."""
+
+_BASE64 = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 
 
 def predict_request_schema(input_shape: tuple[int, ...], max_batch: int, modes: list[str]) -> dict[str, Any]:
     """The JSON Schema of a ``POST /v1/predict`` body, as strict as :func:`parse_predict_request`
     where JSON Schema can say it: exactly one of ``inputs`` (nested lists of one input or of a
     batch of at most ``max_batch``) or ``npy`` (a base64 string), no nulls, no other fields.
-    What it cannot say: that ``npy`` decodes to a .npy array of the right shape (400/422)."""
-    one: dict[str, Any] = {"type": "number", "minimum": -FLOAT32_SAFE, "maximum": FLOAT32_SAFE}
+    What it cannot say: that ``npy`` decodes to a .npy array (400 bad_npy) of the right shape (422)."""
+    one: dict[str, Any] = {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}
     for d in reversed(input_shape):
         one = {"type": "array", "items": one, "minItems": d, "maxItems": d}
     batch = {"type": "array", "items": one, "minItems": 1, "maxItems": max_batch}
@@ -67,6 +69,7 @@ def predict_request_schema(input_shape: tuple[int, ...], max_batch: int, modes: 
             "npy",
             {
                 "type": "string",
+                "pattern": _BASE64,
                 "contentEncoding": "base64",
                 "description": f"A base64-encoded .npy array of shape (B, {dims}) or ({dims}).",
             },
@@ -276,6 +279,16 @@ def parse_predict_request(
         raise RequestError(422, "bad_shape", "inputs hold an empty batch (B = 0)")
     if len(x) > max_batch:
         raise RequestError(413, "too_large", f"batch of {len(x)} inputs exceeds the limit of {max_batch}")
+    finite = np.isfinite(x)
+    if finite.all() and x.dtype.kind == "f" and x.dtype.itemsize > 4:
+        big = np.abs(x) > FLOAT32_MAX
+        if big.any():
+            i = tuple(int(v) for v in np.argwhere(big)[0])
+            raise RequestError(
+                422,
+                "not_finite",
+                f"inputs exceed the float32 range ±{FLOAT32_MAX:.7g} (first at index {list(i)}: {x[i]:g})",
+            )
     x = x.astype(np.float32, copy=False)
     finite = np.isfinite(x)
     if not finite.all():
