@@ -264,7 +264,9 @@ def parse_predict_request(
             f"inputs must be numbers (float or int), got dtype {x.dtype}"
             + (" (nested lists with non-numbers)" if "inputs" in req else ""),
         )
-    if "inputs" in req and (b"true" in body or b"false" in body) and _has_bool(req["inputs"]):
+    # JSON true/false that the other fields do not explain (a fast filter before the exact check)
+    literals = body.count(b"true") + body.count(b"false") - isinstance(req.get("return_probabilities"), bool)
+    if "inputs" in req and literals > 0 and _has_bool(req["inputs"]):
         raise RequestError(422, "bad_dtype", "inputs must be numbers (float or int), got true/false")
     if tuple(x.shape) == tuple(input_shape):
         x = x[None]
@@ -279,9 +281,8 @@ def parse_predict_request(
         raise RequestError(422, "bad_shape", "inputs hold an empty batch (B = 0)")
     if len(x) > max_batch:
         raise RequestError(413, "too_large", f"batch of {len(x)} inputs exceeds the limit of {max_batch}")
-    finite = np.isfinite(x)
-    if finite.all() and x.dtype.kind == "f" and x.dtype.itemsize > 4:
-        big = np.abs(x) > FLOAT32_MAX
+    if x.dtype.kind == "f" and x.dtype.itemsize > 4:  # finite here, inf as float32
+        big = np.isfinite(x) & (np.abs(x) > FLOAT32_MAX)
         if big.any():
             i = tuple(int(v) for v in np.argwhere(big)[0])
             raise RequestError(
