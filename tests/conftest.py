@@ -1,5 +1,6 @@
 """Shared fixtures: tiny models and the path of the real datasets."""
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,24 @@ def digits_specialists(k: int = 2, hidden=(64, 32), seed: int = 0):
         parts.append((ds.x_train[rest][m], ds.y_train[rest][m]))
     models = finetune_copies(base, parts, seed=seed, epochs=30, lr=3e-3, progress=False)
     return arch, models, ds, ds.x_train[rest]
+
+
+@contextlib.contextmanager
+def local_ray_server(bundle_dir, **config):
+    """A local Ray (4 CPUs) and ``serve_bundle`` on free ports; stopped on exit."""
+    ray = pytest.importorskip("ray")
+    from coinfer.serving.runtime import ServeConfig
+    from coinfer.serving.server import serve_bundle
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    srv = None
+    try:
+        srv = serve_bundle(ServeConfig(bundle_dir, **config))
+        yield srv
+    finally:
+        if srv is not None:
+            srv.stop()
+            srv.runtime.shutdown()
+        ray.shutdown()

@@ -12,6 +12,8 @@ import torch
 
 from coinfer import Bundle, Code, build_model, encode
 
+from .conftest import local_ray_server
+
 pytestmark = pytest.mark.ray
 
 ARCH = {"name": "mlp", "kwargs": {"in_features": 64, "hidden": [16], "num_classes": 10}}
@@ -32,23 +34,8 @@ def bundle_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(bundle_dir):
-    ray = pytest.importorskip("ray")
-    from coinfer.serving.runtime import ServeConfig
-    from coinfer.serving.server import serve_bundle
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
-    srv = None
-    try:
-        cfg = ServeConfig(bundle_dir, timeout_s=3.0, max_batch=64, max_body_bytes=200_000)
-        srv = serve_bundle(cfg)
+    with local_ray_server(bundle_dir, timeout_s=3.0, max_batch=64, max_body_bytes=200_000) as srv:
         yield srv
-    finally:
-        if srv is not None:
-            srv.stop()
-            srv.runtime.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -9,11 +10,12 @@ import random
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from coinfer.errors import CoinferError
 from coinfer.serving.injection import Injection, parse_delay
 from coinfer.serving.metrics import Metrics
-from coinfer.serving.validation import RequestError, parse_predict_request
+from coinfer.serving.validation import RequestError, json_depth, parse_predict_request, read_body
 
 SHAPE = (1, 4, 4)
 
@@ -64,6 +66,11 @@ def test_int_inputs_are_accepted_and_mode_is_passed_on():
         ({"npy": _npy(np.zeros((0, *SHAPE), dtype=np.float32))}, 422, "bad_shape", "empty batch"),
         ({"npy": _npy(np.zeros((9, *SHAPE), dtype=np.float32))}, 413, "too_large", "limit of 8"),
         ({"inputs": np.zeros(SHAPE).tolist(), "mode": 3}, 422, "bad_mode", "'mode' must be a string"),
+        ({"inputs": None, "npy": None}, 400, "bad_field", "fields ['inputs', 'npy'] are null"),
+        ({"inputs": [[[1e39] + [0] * 3] + [[0] * 4] * 3]}, 422, "not_finite", "exceed the float32 range"),
+        ({"inputs": [[[True] + [0.5] * 3] + [[0] * 4] * 3]}, 422, "bad_dtype", "got true/false"),
+        (b"[" * 33 + b"]" * 33, 400, "too_deep", "33 levels deep; the limit is 32"),
+        (b'{"inputs": "' + b"[" * 100 + b'"}', 422, "bad_dtype", "nested list"),
     ],
 )
 def test_bad_requests_name_the_problem(body, status, reason, words):
@@ -89,6 +96,37 @@ def test_oversize_bodies_are_rejected_before_parsing():
     with pytest.raises(RequestError) as ei:
         _parse(b"x" * 2000, max_body=1000)
     assert ei.value.status == 413 and "2000 bytes" in ei.value.message
+
+
+def test_booleans_elsewhere_do_not_flag_inputs_and_big_integers_are_numbers():
+    x, opts = _parse({"inputs": [[[10**20] + [0] * 3] + [[0] * 4] * 3], "return_probabilities": True})
+    assert x[0, 0, 0, 0] == np.float32(1e20) and opts == {"return_probabilities": True}
+    x, _ = _parse({"inputs": np.zeros(SHAPE).tolist(), "mode": "truefalse"})
+    assert x.shape == (1, *SHAPE)
+
+
+def test_json_depth_ignores_brackets_in_strings_and_escapes():
+    doc = {"a": [[1], "]]]\\"], "b\\": "\\\"[[[", "c": [{"d": "\"]"}]}
+    body = json.dumps(doc).encode()
+    assert json_depth(body) == 3
+    assert {json_depth(body, block=b) for b in (1, 2, 3, 7, 1 << 18)} == {3}  # state carried across blocks
+    assert json_depth(b"[" * 100_000 + b"]" * 100_000) == 100_000
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_read_body_counts_the_stream(chunk):
+    async def stream(data):
+        for i in range(0, len(data), chunk):
+            yield data[i : i + chunk]
+
+    assert asyncio.run(read_body(None, stream(b"x" * 1000), 1000)) == b"x" * 1000
+    with pytest.raises(RequestError) as ei:
+        asyncio.run(read_body(None, stream(b"x" * 1001), 1000))
+    assert ei.value.status == 413
+    with pytest.raises(RequestError, match="1001 bytes"):
+        asyncio.run(read_body("1001", stream(b""), 1000))
+    with pytest.raises(RequestError, match="not a number"):
+        asyncio.run(read_body("12abc", stream(b""), 1000))
 
 
 def test_delay_specs_parse_and_reject_nonsense():
@@ -123,12 +161,28 @@ def test_metrics_render_prometheus_text():
     m.worker(2, None, failed=True)
     m.timeout("uncoded")
     m.bad_request("bad_json")
-    text = m.render()
-    assert 'coinfer_requests_total{mode="coded",status="ok"} 2' in text
-    assert 'coinfer_request_latency_seconds_bucket{mode="coded",le="0.015"} 1' in text
-    assert 'coinfer_request_latency_seconds_bucket{mode="coded",le="+Inf"} 2' in text
-    assert 'coinfer_reconstructions_total{mode="coded"} 1' in text
-    assert 'coinfer_worker_failures_total{worker="2"} 1' in text
-    assert 'coinfer_timeouts_total{mode="uncoded"} 1' in text
-    assert 'coinfer_worker_latency_seconds_count{worker="0"} 1' in text
-    assert 'coinfer_bad_requests_total{reason="bad_json"} 1' in text
+    got = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(m.render())
+        for s in fam.samples
+    }
+    assert got[("coinfer_requests_total", (("mode", "coded"), ("status", "ok")))] == 2
+    assert got[("coinfer_request_latency_seconds_bucket", (("le", "0.015"), ("mode", "coded")))] == 1
+    assert got[("coinfer_request_latency_seconds_bucket", (("le", "+Inf"), ("mode", "coded")))] == 2
+    assert got[("coinfer_request_latency_seconds_sum", (("mode", "coded"),))] == pytest.approx(0.312)
+    assert got[("coinfer_reconstructions_total", (("mode", "coded"),))] == 1
+    assert got[("coinfer_worker_failures_total", (("worker", "2"),))] == 1
+    assert got[("coinfer_timeouts_total", (("mode", "uncoded"),))] == 1
+    assert got[("coinfer_worker_latency_seconds_count", (("worker", "0"),))] == 1
+    assert got[("coinfer_bad_requests_total", (("reason", "bad_json"),))] == 1
+    names = {fam.name for fam in text_string_to_metric_families(m.render())}
+    assert {
+        "coinfer_requests",
+        "coinfer_bad_requests",
+        "coinfer_request_latency_seconds",
+        "coinfer_reconstructions",
+        "coinfer_timeouts",
+        "coinfer_worker_latency_seconds",
+        "coinfer_worker_failures",
+    } <= names
+    assert Metrics().render().count("coinfer_requests_total{") == 0  # one registry per instance

@@ -7,25 +7,17 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 
 from coinfer.errors import CoinferError, DecodeError
 from coinfer.serving.collector import CollectError, CollectTimeout
 from coinfer.serving.injection import Injection
+from coinfer.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coinfer.serving.runtime import MODES, Runtime
-from coinfer.serving.validation import RequestError, parse_predict_request
+from coinfer.serving.validation import RequestError, parse_predict_request, predict_request_schema, read_body
 
 __all__ = ["build_app", "build_admin_app"]
-
-
-class PredictRequest(BaseModel):
-    """Give exactly one of ``inputs`` or ``npy``."""
-
-    inputs: list | None = Field(None, description="Nested lists of shape (B, *input_shape) or input_shape.")
-    npy: str | None = Field(None, description="A base64-encoded .npy array of the same shapes.")
-    mode: str | None = Field(None, description=f"One of {list(MODES)}; default: the server's mode.")
-    return_probabilities: bool = Field(True, description="Include the probability vectors.")
 
 
 class ModelOutput(BaseModel):
@@ -42,6 +34,18 @@ class PredictResponse(BaseModel):
     outputs: list[ModelOutput]
     workers: dict[str, Any] = Field(description="used (worker: row), failed (worker: reason), late.")
     latency_ms: float
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx/5xx answer of the API."""
+
+    model_config = ConfigDict(extra="allow")
+    error: str = Field(description="Short reason code (also the metrics label), e.g. bad_json, too_large.")
+    detail: str = Field(description="What was wrong, with the value and what was expected.")
+
+
+def _err(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
 
 
 def _error(status: int, reason: str, detail: str, **extra: Any) -> JSONResponse:
@@ -64,23 +68,31 @@ def build_app(runtime: Runtime) -> FastAPI:
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+                "content": {
+                    "application/json": {
+                        "schema": predict_request_schema(runtime.input_shape, cfg.max_batch, list(MODES))
+                    }
+                },
             }
         },
         responses={
-            400: {"description": "Malformed body: JSON, base64, .npy or fields."},
-            413: {"description": "Body or batch over the size limit."},
-            422: {"description": "Wrong shape or dtype, NaN/inf, unknown mode."},
-            503: {"description": "Too many workers failed or are down to decode."},
-            504: {"description": "No decodable set within the request timeout."},
+            400: _err("Malformed body: JSON, nesting too deep, base64, .npy content, or fields."),
+            413: _err("Body or batch over the size limit."),
+            422: _err("Wrong shape or dtype, NaN/inf, unknown mode."),
+            502: _err("A worker returned an output that cannot be decoded."),
+            503: _err("Too many workers failed or are down to decode."),
+            504: _err("No decodable set within the request timeout."),
         },
     )
     async def predict(request: Request) -> Any:
         """Run the inputs on the workers; return every data model's output as soon as
         a decodable set has arrived, with ``reconstructed`` per model."""
         t0 = time.perf_counter()
-        body = await request.body()
         try:
+            # bounded: Content-Length checked first, then a counted read of the stream
+            body = await read_body(
+                request.headers.get("content-length"), request.stream(), cfg.max_body_bytes
+            )
             x, opts = parse_predict_request(body, runtime.input_shape, cfg.max_batch, cfg.max_body_bytes)
             mode = opts.get("mode", runtime.mode)
             if mode not in MODES:
@@ -88,6 +100,9 @@ def build_app(runtime: Runtime) -> FastAPI:
         except RequestError as exc:
             runtime.metrics.bad_request(exc.reason)
             return _error(exc.status, exc.reason, exc.message)
+        except Exception as exc:  # a parsing failure not foreseen above is still the body's fault
+            runtime.metrics.bad_request("bad_body")
+            return _error(400, "bad_body", f"request body could not be read: {type(exc).__name__}: {exc}")
         try:
             res = await runtime.predict(x, mode)
         except CollectTimeout as exc:
@@ -140,7 +155,7 @@ def build_app(runtime: Runtime) -> FastAPI:
             "workers": runtime.state()["workers"],
         }
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses={503: {"description": "More than r workers are down."}})
     async def healthz() -> JSONResponse:
         """``ok`` while at most r workers are down (every request can still be decoded)."""
         down = sorted(w for w in runtime.down if w < runtime.code.n)
@@ -150,10 +165,10 @@ def build_app(runtime: Runtime) -> FastAPI:
             status_code=200 if ok else 503,
         )
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics() -> str:
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def metrics() -> Response:
         """Prometheus metrics: requests, latency, reconstructions, per-worker latency, failures, timeouts."""
-        return runtime.metrics.render()
+        return Response(runtime.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     return app
 
@@ -185,15 +200,44 @@ def _is_loopback(request: Request) -> bool:
         return host in ("localhost", "testclient")
 
 
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def _loopback_host_header(value: str | None) -> bool:
+    """Whether a ``Host`` header names this machine's loopback: ``localhost``,
+    ``127.0.0.1`` or ``[::1]``, each with an optional ``:port``."""
+    if not value:
+        return False
+    host = value.strip().lower()
+    if host.startswith("["):  # an IPv6 literal: [::1] or [::1]:port
+        name, closed, rest = host[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            return False
+        sep, port = rest[:1], rest[1:]
+    else:
+        name, sep, port = host.partition(":")
+    if sep and not port.isdigit():
+        return False
+    return name in _LOOPBACK_NAMES
+
+
 def build_admin_app(runtime: Runtime) -> FastAPI:
     """Admin API for experiments: injection, kill/restart, mode. Serve it on 127.0.0.1 only;
-    requests from other hosts are refused as well."""
+    requests from other hosts are refused, and so are requests whose ``Host`` header is
+    not a loopback name (a web page that rebinds its DNS name to 127.0.0.1 cannot reach it)."""
     app = FastAPI(title="coinfer admin", version="0.1.0")
 
     @app.middleware("http")
     async def loopback_only(request: Request, call_next):
         if not _is_loopback(request):
             return _error(403, "forbidden", "the admin API answers loopback clients only")
+        host = request.headers.get("host")
+        if not _loopback_host_header(host):
+            return _error(
+                403,
+                "forbidden_host",
+                f"the admin API answers requests for localhost, 127.0.0.1 or [::1] only; Host was {host!r}",
+            )
         return await call_next(request)
 
     @app.exception_handler(CoinferError)

@@ -65,8 +65,8 @@ def serve(
 ) -> None:
     """Serve a bundle over HTTP on Ray: every request goes to all workers, the first decodable set answers."""
     from coinfer.serving.injection import Injection, parse_delay
-    from coinfer.serving.runtime import Runtime, ServeConfig
-    from coinfer.serving.server import Server
+    from coinfer.serving.runtime import ServeConfig
+    from coinfer.serving.server import Server, bind_sockets, start_runtime
 
     base = parse_delay(delay, fail_prob) if delay else Injection(fail_prob=fail_prob)
     config = ServeConfig(
@@ -87,10 +87,11 @@ def serve(
         max_body_bytes=max_body_bytes,
     )
     manifest_n = None
+    sockets = bind_sockets(host, port, admin_port)  # a port in use fails here, before Ray starts
     console.print(
         f"starting workers for [bold]{bundle}[/] ({'Ray at ' + address if address else 'local Ray'})"
     )
-    rt = Runtime.start(config)
+    rt = start_runtime(config, sockets)
     try:
         manifest_n = len(rt.slots)
         if base.active:
@@ -103,7 +104,7 @@ def serve(
                 raise CoinferError(f"--slow-worker expects WORKER:MS, got {slow_worker!r}") from None
         for w in _parse_workers(kill) or []:
             rt.kill(w)
-        server = Server(rt, host, port, admin_port)
+        server = Server(rt, host, port, admin_port, sockets=sockets)
 
         def started(s: Server) -> None:
             console.print(
@@ -113,6 +114,8 @@ def serve(
 
         server.run(on_started=started)
     finally:
+        for s in sockets:
+            s.close()  # no-op once the server has closed them
         rt.shutdown()
         console.print("stopped")
 

@@ -1,11 +1,16 @@
-"""Prometheus text-format metrics of the frontend (no extra dependency)."""
+"""Prometheus metrics of the frontend, through ``prometheus_client`` (installed with Ray).
+
+Each :class:`Metrics` has its own ``CollectorRegistry``, so several servers in one
+process (tests, benchmarks) keep separate counts."""
 
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-__all__ = ["Metrics", "LATENCY_BUCKETS_S"]
+__all__ = ["Metrics", "LATENCY_BUCKETS_S", "CONTENT_TYPE"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+"""The ``Content-Type`` of :meth:`Metrics.render`'s text."""
 
 LATENCY_BUCKETS_S = (
     0.001,
@@ -29,115 +34,80 @@ LATENCY_BUCKETS_S = (
 )
 
 
-class _Histogram:
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
-        self.sum = 0.0
-        self.n = 0
-
-    def observe(self, v: float) -> None:
-        i = 0
-        while i < len(LATENCY_BUCKETS_S) and v > LATENCY_BUCKETS_S[i]:
-            i += 1
-        self.counts[i] += 1
-        self.sum += v
-        self.n += 1
-
-    def lines(self, name: str, labels: str) -> list[str]:
-        out, cum = [], 0
-        sep = "," if labels else ""
-        for b, c in zip(LATENCY_BUCKETS_S, self.counts, strict=False):
-            cum += c
-            out.append(f'{name}_bucket{{{labels}{sep}le="{b:g}"}} {cum}')
-        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.n}')
-        lb = f"{{{labels}}}" if labels else ""
-        out.append(f"{name}_sum{lb} {self.sum:.6f}")
-        out.append(f"{name}_count{lb} {self.n}")
-        return out
-
-
 class Metrics:
-    """Counters and histograms of requests, reconstructions and workers."""
+    """Counters and histograms of requests, reconstructions and workers, in a registry of their own."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, str], int] = defaultdict(int)  # (mode, status)
-        self.latency: dict[str, _Histogram] = defaultdict(_Histogram)  # mode
-        self.reconstructions: dict[str, int] = defaultdict(int)  # mode -> data outputs decoded
-        self.worker_latency: dict[str, _Histogram] = defaultdict(_Histogram)  # worker
-        self.worker_failures: dict[str, int] = defaultdict(int)
-        self.timeouts: dict[str, int] = defaultdict(int)
-        self.bad_requests: dict[str, int] = defaultdict(int)  # reason
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self._requests = Counter(
+            "coinfer_requests_total",
+            "Prediction requests by mode and outcome.",
+            ["mode", "status"],
+            registry=reg,
+        )
+        self._bad_requests = Counter(
+            "coinfer_bad_requests_total", "Rejected requests by reason.", ["reason"], registry=reg
+        )
+        self._latency = Histogram(
+            "coinfer_request_latency_seconds",
+            "End-to-end frontend latency of answered requests.",
+            ["mode"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=reg,
+        )
+        self._reconstructions = Counter(
+            "coinfer_reconstructions_total",
+            "Data outputs decoded from other workers.",
+            ["mode"],
+            registry=reg,
+        )
+        self._timeouts = Counter(
+            "coinfer_timeouts_total",
+            "Requests with no decodable set within the timeout.",
+            ["mode"],
+            registry=reg,
+        )
+        self._worker_latency = Histogram(
+            "coinfer_worker_latency_seconds",
+            "Per-worker latency (answers in time and late ones).",
+            ["worker"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=reg,
+        )
+        self._worker_failures = Counter(
+            "coinfer_worker_failures_total",
+            "Failed calls per worker (errors, down, killed).",
+            ["worker"],
+            registry=reg,
+        )
 
     def request(self, mode: str, status: str, seconds: float | None = None) -> None:
-        with self._lock:
-            self.requests[(mode, status)] += 1
-            if seconds is not None:
-                self.latency[mode].observe(seconds)
+        """Count a prediction request of ``mode`` with outcome ``status``; record its latency if given."""
+        self._requests.labels(mode=mode, status=status).inc()
+        if seconds is not None:
+            self._latency.labels(mode=mode).observe(seconds)
 
     def worker(self, worker: int, seconds: float | None, failed: bool = False) -> None:
-        with self._lock:
-            if failed:
-                self.worker_failures[str(worker)] += 1
-            elif seconds is not None:
-                self.worker_latency[str(worker)].observe(seconds)
+        """Record a worker call: a failure, or its latency."""
+        if failed:
+            self._worker_failures.labels(worker=str(worker)).inc()
+        elif seconds is not None:
+            self._worker_latency.labels(worker=str(worker)).observe(seconds)
 
     def reconstructed(self, mode: str, count: int) -> None:
+        """Count ``count`` data outputs decoded instead of received."""
         if count:
-            with self._lock:
-                self.reconstructions[mode] += count
+            self._reconstructions.labels(mode=mode).inc(count)
 
     def timeout(self, mode: str) -> None:
-        with self._lock:
-            self.timeouts[mode] += 1
+        """Count a request that found no decodable set in time."""
+        self._timeouts.labels(mode=mode).inc()
 
     def bad_request(self, reason: str) -> None:
-        with self._lock:
-            self.bad_requests[reason] += 1
+        """Count a rejected request by its reason code."""
+        self._bad_requests.labels(reason=reason).inc()
 
     def render(self) -> str:
-        """The Prometheus exposition text."""
-        with self._lock:
-            lines = [
-                "# HELP coinfer_requests_total Prediction requests by mode and outcome.",
-                "# TYPE coinfer_requests_total counter",
-            ]
-            for (mode, status), c in sorted(self.requests.items()):
-                lines.append(f'coinfer_requests_total{{mode="{mode}",status="{status}"}} {c}')
-            lines += [
-                "# HELP coinfer_bad_requests_total Rejected requests by reason.",
-                "# TYPE coinfer_bad_requests_total counter",
-            ]
-            for reason, c in sorted(self.bad_requests.items()):
-                lines.append(f'coinfer_bad_requests_total{{reason="{reason}"}} {c}')
-            lines += [
-                "# HELP coinfer_request_latency_seconds End-to-end frontend latency of answered requests.",
-                "# TYPE coinfer_request_latency_seconds histogram",
-            ]
-            for mode, h in sorted(self.latency.items()):
-                lines += h.lines("coinfer_request_latency_seconds", f'mode="{mode}"')
-            lines += [
-                "# HELP coinfer_reconstructions_total Data outputs decoded from other workers.",
-                "# TYPE coinfer_reconstructions_total counter",
-            ]
-            for mode, c in sorted(self.reconstructions.items()):
-                lines.append(f'coinfer_reconstructions_total{{mode="{mode}"}} {c}')
-            lines += [
-                "# HELP coinfer_timeouts_total Requests with no decodable set within the timeout.",
-                "# TYPE coinfer_timeouts_total counter",
-            ]
-            for mode, c in sorted(self.timeouts.items()):
-                lines.append(f'coinfer_timeouts_total{{mode="{mode}"}} {c}')
-            lines += [
-                "# HELP coinfer_worker_latency_seconds Per-worker latency (answers in time and late ones).",
-                "# TYPE coinfer_worker_latency_seconds histogram",
-            ]
-            for w, h in sorted(self.worker_latency.items(), key=lambda kv: int(kv[0])):
-                lines += h.lines("coinfer_worker_latency_seconds", f'worker="{w}"')
-            lines += [
-                "# HELP coinfer_worker_failures_total Failed calls per worker (errors, down, killed).",
-                "# TYPE coinfer_worker_failures_total counter",
-            ]
-            for w, c in sorted(self.worker_failures.items(), key=lambda kv: int(kv[0])):
-                lines.append(f'coinfer_worker_failures_total{{worker="{w}"}} {c}')
-        return "\n".join(lines) + "\n"
+        """The Prometheus exposition text (``Content-Type``: :data:`CONTENT_TYPE`)."""
+        return generate_latest(self.registry).decode()

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 
@@ -17,18 +18,59 @@ from coinfer.errors import CoinferError
 from coinfer.serving.app import build_admin_app, build_app
 from coinfer.serving.runtime import Runtime, ServeConfig
 
-__all__ = ["Server", "serve_bundle"]
+__all__ = ["Server", "bind_sockets", "serve_bundle", "start_runtime"]
+
+
+def _bind(host: str, port: int, what: str, option: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT only, not a live listener
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        shown = f"[{host}]" if family == socket.AF_INET6 else host
+        raise CoinferError(
+            f"cannot listen on {shown}:{port} for the {what}: {exc.strerror or exc}; "
+            f"choose another {option} (0 picks a free port)"
+        ) from None
+    return sock
+
+
+def bind_sockets(host: str, port: int, admin_port: int) -> tuple[socket.socket, socket.socket]:
+    """Bind the public socket on ``host:port`` and the admin socket on ``127.0.0.1:admin_port``
+    (0: a free port), before anything expensive starts; :class:`Server` then listens on them,
+    so no other process can take the ports in between.
+
+    Raises:
+        CoinferError: a port is in use or not allowed, naming it.
+    """
+    public = _bind(host, port, "public API", "--port")
+    try:
+        admin = _bind("127.0.0.1", admin_port, "admin API", "--admin-port")
+    except BaseException:
+        public.close()
+        raise
+    return public, admin
 
 
 class Server:
     """The frontend of a :class:`Runtime` on ``host:port`` plus the admin API on ``127.0.0.1:admin_port``.
 
-    Port 0 picks a free port; the actual ports are in :attr:`port` and :attr:`admin_port`
-    once started."""
+    Port 0 picks a free port; the actual ports are in :attr:`port` and :attr:`admin_port`.
+    ``sockets`` are the two sockets of :func:`bind_sockets` (bound here if not given)."""
 
-    def __init__(self, runtime: Runtime, host: str = "127.0.0.1", port: int = 8000, admin_port: int = 0):
+    def __init__(
+        self,
+        runtime: Runtime,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        admin_port: int = 0,
+        sockets: tuple[socket.socket, socket.socket] | None = None,
+    ):
         self.runtime = runtime
         self.host = host
+        self._sockets = sockets if sockets is not None else bind_sockets(host, port, admin_port)
         kw = {"log_level": "warning", "access_log": False, "lifespan": "off"}
         self._main = uvicorn.Server(uvicorn.Config(build_app(runtime), host=host, port=port, **kw))
         self._admin = uvicorn.Server(
@@ -36,7 +78,7 @@ class Server:
         )
         for s in (self._main, self._admin):
             s.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        self.port, self.admin_port = port, admin_port
+        self.port, self.admin_port = (s.getsockname()[1] for s in self._sockets)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -51,11 +93,8 @@ class Server:
 
     async def serve(self) -> None:
         """Serve until :meth:`stop`."""
-        await asyncio.gather(self._main.serve(), self._admin.serve())
-
-    def _record_ports(self) -> None:
-        self.port = self._main.servers[0].sockets[0].getsockname()[1]
-        self.admin_port = self._admin.servers[0].sockets[0].getsockname()[1]
+        public, admin = self._sockets
+        await asyncio.gather(self._main.serve(sockets=[public]), self._admin.serve(sockets=[admin]))
 
     def start(self, timeout_s: float = 30.0) -> Server:
         """Serve in a background thread; return once both apps listen."""
@@ -75,7 +114,6 @@ class Server:
             if time.monotonic() - t0 > timeout_s:
                 raise CoinferError(f"the HTTP frontend did not start within {timeout_s:g}s")
             time.sleep(0.02)
-        self._record_ports()
         return self
 
     def stop(self) -> None:
@@ -99,7 +137,6 @@ class Server:
                     task.result()
                     return
                 await asyncio.sleep(0.02)
-            self._record_ports()
             if on_started is not None:
                 on_started(self)
             await task
@@ -111,13 +148,27 @@ class Server:
         self._admin.should_exit = True
 
 
+def start_runtime(config: ServeConfig, sockets: tuple[socket.socket, socket.socket]) -> Runtime:
+    """:meth:`Runtime.start`, closing the sockets of :func:`bind_sockets` if it fails."""
+    try:
+        return Runtime.start(config)
+    except BaseException:
+        for s in sockets:
+            s.close()
+        raise
+
+
 def serve_bundle(config: ServeConfig, host: str = "127.0.0.1", port: int = 0, admin_port: int = 0) -> Server:
     """Start a runtime for ``config`` and its frontend in a background thread.
 
+    Both ports are bound first, so a port in use fails within a second, before Ray starts.
     Call ``server.stop()`` then ``server.runtime.shutdown()`` when done."""
-    runtime = Runtime.start(config)
+    sockets = bind_sockets(host, port, admin_port)
+    runtime = start_runtime(config, sockets)
     try:
-        return Server(runtime, host, port, admin_port).start()
+        return Server(runtime, host, port, admin_port, sockets=sockets).start()
     except BaseException:
+        for s in sockets:
+            s.close()
         runtime.shutdown()
         raise

@@ -1,0 +1,267 @@
+"""The HTTP boundary without Ray: bounded body reading, JSON depth, the published
+schema, the admin Host check, the port check before startup and /metrics.
+
+The apps run on a stub runtime (no workers): these tests are about what happens
+before a request reaches the workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from coinfer.errors import CoinferError
+from coinfer.serving.app import build_admin_app, build_app
+from coinfer.serving.metrics import Metrics
+from coinfer.serving.runtime import ServeConfig
+
+LIMIT = 1000
+SHAPE = (4,)
+
+
+class StubRuntime:
+    """What the apps read from a Runtime; predict answers every data model with zeros."""
+
+    def __init__(self, max_body_bytes: int = LIMIT, max_batch: int = 4):
+        self.config = ServeConfig(Path("stub"), max_batch=max_batch, max_body_bytes=max_body_bytes)
+        self.input_shape = SHAPE
+        self.mode = "coded"
+        self.class_names = ["a", "b", "c"]
+        self.code = SimpleNamespace(k=2, r=1, n=3, weights=np.ones((1, 2)))
+        self.manifest = {"architecture": {"name": "stub"}, "encoder": None}
+        self.metrics = Metrics()
+        self.down: set[int] = set()
+        self.calls = 0
+
+    async def predict(self, x: np.ndarray, mode: str):
+        self.calls += 1
+        out = np.full((2, len(x), 3), 1 / 3, dtype=np.float32)
+        return SimpleNamespace(
+            outputs=out, reconstructed=[False, False], used={0: 0, 1: 1}, failed={}, late=[]
+        )
+
+    def state(self) -> dict:
+        return {"mode": self.mode, "workers": [], "down": []}
+
+
+def _asgi_post(app, chunks: list[bytes], content_length: int | None) -> tuple[int, dict, int]:
+    """POST /v1/predict straight through ASGI; returns (status, JSON body, body bytes the app consumed)."""
+    consumed = 0
+    pending = list(chunks)
+    sent: list[dict] = []
+
+    async def receive():
+        nonlocal consumed
+        if not pending:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        chunk = pending.pop(0)
+        consumed += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": bool(pending)}
+
+    async def send(message):
+        sent.append(message)
+
+    headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")]
+    if content_length is not None:
+        headers.append((b"content-length", str(content_length).encode()))
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/predict",
+        "raw_path": b"/v1/predict",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+    }
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, json.loads(body), consumed
+
+
+def test_a_content_length_over_the_limit_is_refused_before_the_body_is_read():
+    rt = StubRuntime()
+    status, body, consumed = _asgi_post(build_app(rt), [b"x" * 600] * 100, content_length=60_000)
+    assert status == 413 and body["error"] == "too_large"
+    assert "60000 bytes" in body["detail"] and f"limit of {LIMIT}" in body["detail"]
+    assert consumed == 0 and rt.calls == 0
+
+
+def test_a_chunked_body_over_the_limit_is_refused_after_at_most_one_chunk_too_many():
+    rt = StubRuntime()
+    status, body, consumed = _asgi_post(build_app(rt), [b"[" * 300] * 100, content_length=None)
+    assert status == 413 and body["error"] == "too_large"
+    assert LIMIT < consumed <= LIMIT + 300
+    ok = json.dumps({"inputs": [1, 2, 3, 4]}).encode()
+    status, body, _ = _asgi_post(build_app(rt), [ok[:5], ok[5:]], content_length=None)
+    assert status == 200 and body["batch"] == 1
+
+
+def test_a_real_socket_gets_413_for_headers_alone():
+    """Only the request line and headers are sent: the 413 comes without waiting for the body."""
+    from coinfer.serving.server import Server
+
+    srv = Server(StubRuntime(), port=0).start()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+            s.sendall(
+                b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 50000000\r\n\r\n"
+            )
+            reply = b""
+            while b"\r\n\r\n" not in reply or not reply.endswith(b"}"):  # the headers, then the JSON body
+                chunk = s.recv(65536)
+                assert chunk, f"connection closed after {reply!r}"
+                reply += chunk
+            reply = reply.decode()
+        assert reply.startswith("HTTP/1.1 413"), reply
+        assert '"error":"too_large"' in reply and "50000000 bytes" in reply
+        assert httpx.get(srv.url + "/healthz").status_code == 200  # still up
+    finally:
+        srv.stop()
+
+
+def test_deep_json_is_a_400_naming_the_cap_and_the_server_stays_up():
+    rt = StubRuntime(max_body_bytes=1_000_000)
+    tc = TestClient(build_app(rt), raise_server_exceptions=False)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for body in (deep, b'{"inputs": ' + deep + b"}", b'{"inputs": ' + b"[" * 100_000):
+        r = tc.post("/v1/predict", content=body)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"] == "too_deep" and "limit is 32" in r.json()["detail"]
+    # brackets inside a string do not count
+    r = tc.post("/v1/predict", content=json.dumps({"inputs": [1, 2, 3, 4], "mode": "[" * 5000}).encode())
+    assert r.status_code == 422 and r.json()["error"] == "bad_mode"
+    assert tc.post("/v1/predict", json={"inputs": [[1, 2, 3, 4]]}).status_code == 200
+
+
+def test_recursion_in_the_parser_is_a_400_not_a_500(monkeypatch):
+    """Without the depth cap the C JSON decoder raises RecursionError; it is still a 400."""
+    import coinfer.serving.validation as v
+
+    monkeypatch.setattr(v, "json_depth", lambda body: 0)
+    tc = TestClient(build_app(StubRuntime(max_body_bytes=1_000_000)), raise_server_exceptions=False)
+    r = tc.post("/v1/predict", content=b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert r.status_code == 400 and r.json()["error"] == "bad_json" and "recursion" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "body,reason",
+    [
+        ({"inputs": None, "npy": None}, "bad_field"),
+        ({"inputs": None}, "bad_field"),
+        ({"inputs": [1, 2, 3, 4], "mode": None}, "bad_field"),
+        ({"inputs": [1, True, 3, 4]}, "bad_dtype"),
+    ],
+)
+def test_nulls_and_booleans_get_a_clear_4xx(body, reason):
+    r = TestClient(build_app(StubRuntime())).post("/v1/predict", json=body)
+    assert 400 <= r.status_code < 500 and r.json()["error"] == reason
+    if reason == "bad_field":
+        assert "null" in r.json()["detail"]
+
+
+def test_big_integers_within_the_schema_are_accepted():
+    r = TestClient(build_app(StubRuntime())).post(
+        "/v1/predict", content=b'{"inputs": [1e30, 10000000000000000000000, 0, -3]}'
+    )
+    assert r.status_code == 200
+
+
+def test_the_published_schema_says_exactly_one_of_inputs_or_npy():
+    spec = TestClient(build_app(StubRuntime())).get("/openapi.json").json()
+    post = spec["paths"]["/v1/predict"]["post"]
+    schema = post["requestBody"]["content"]["application/json"]["schema"]
+    variants = schema["oneOf"]
+    assert [v["required"] for v in variants] == [["inputs"], ["npy"]]
+    for v in variants:
+        assert v["additionalProperties"] is False
+        assert "null" not in json.dumps(v)
+    inputs = variants[0]["properties"]["inputs"]["anyOf"]
+    assert inputs[0]["maxItems"] == 4 and inputs[1]["minItems"] == inputs[1]["maxItems"] == 4
+    err = {"$ref": "#/components/schemas/ErrorResponse"}
+    for code in ("400", "413", "422", "502", "503", "504"):
+        assert post["responses"][code]["content"]["application/json"]["schema"] == err
+
+
+def test_the_admin_api_refuses_a_foreign_host_header():
+    rt = StubRuntime()
+    for url in ("http://evil.example", "http://evil.example:8001", "http://localhost.evil.example:8001"):
+        r = TestClient(build_admin_app(rt), base_url=url).get("/admin/state")
+        assert r.status_code == 403 and r.json()["error"] == "forbidden_host"
+        assert "Host was" in r.json()["detail"] and url.split("//")[1] in r.json()["detail"]
+    for url in ("http://localhost:8001", "http://127.0.0.1:8001", "http://[::1]:8001", "http://localhost"):
+        assert TestClient(build_admin_app(rt), base_url=url).get("/admin/state").status_code == 200
+    r = TestClient(build_admin_app(rt), base_url="http://localhost", client=("10.1.2.3", 5000)).get(
+        "/admin/state"
+    )
+    assert r.status_code == 403 and r.json()["error"] == "forbidden"
+
+
+@pytest.fixture
+def busy_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    yield s.getsockname()[1]
+    s.close()
+
+
+def test_a_busy_admin_port_fails_fast_before_ray(busy_port, monkeypatch):
+    from coinfer.serving import runtime, server
+
+    started = []
+    monkeypatch.setattr(runtime.Runtime, "start", classmethod(lambda cls, cfg: started.append(cfg)))
+    t0 = time.perf_counter()
+    with pytest.raises(CoinferError, match=f"127.0.0.1:{busy_port} for the admin API.*--admin-port"):
+        server.serve_bundle(ServeConfig(Path("unused")), port=0, admin_port=busy_port)
+    with pytest.raises(CoinferError, match=f"127.0.0.1:{busy_port} for the public API.*--port"):
+        server.serve_bundle(ServeConfig(Path("unused")), port=busy_port, admin_port=0)
+    assert time.perf_counter() - t0 < 1.0 and started == []
+
+
+def test_coinfer_serve_names_the_busy_port_without_starting_ray(busy_port, monkeypatch, capsys, tmp_path):
+    from coinfer.cli import main
+    from coinfer.serving import runtime
+
+    started = []
+    monkeypatch.setattr(runtime.Runtime, "start", classmethod(lambda cls, cfg: started.append(cfg)))
+    monkeypatch.setattr(
+        sys, "argv", ["coinfer", "serve", str(tmp_path), "--port", "0", "--admin-port", str(busy_port)]
+    )
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as ei:
+        main()
+    assert ei.value.code == 1 and time.perf_counter() - t0 < 1.0 and started == []
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{busy_port}" in err and "admin API" in err and "in use" in err
+
+
+def test_metrics_is_prometheus_text_with_the_expected_families():
+    rt = StubRuntime()
+    tc = TestClient(build_app(rt))
+    tc.post("/v1/predict", content=b"{bad")
+    rt.metrics.request("coded", "ok", 0.01)
+    r = tc.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=")
+    fams = {f.name: f for f in text_string_to_metric_families(r.text)}
+    assert {"coinfer_requests", "coinfer_bad_requests", "coinfer_request_latency_seconds"} <= set(fams)
+    bad = {
+        s.labels["reason"]: s.value for s in fams["coinfer_bad_requests"].samples if s.name.endswith("_total")
+    }
+    assert bad == {"bad_json": 1.0}
