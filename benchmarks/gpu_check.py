@@ -168,6 +168,9 @@ def part_serve(args: argparse.Namespace) -> dict:
             time.sleep(0.5)
         res["startup_seconds"] = round(time.time() - t0, 1)
         res["gpu_processes"] = _gpu_processes()
+        warm = ["coinfer", "bench", "latency", "--url", url, "--data", str(args.data), "--rate", "50"]
+        warm += ["--requests", "100", "--mode", "coded", "--out", str(args.out / "serve_warmup.json")]
+        res["warmup"] = _run(warm, args.out / "serve_warmup.log", 60)  # CUDA's first-use costs, not measured
         for mode in ("coded", "uncoded"):
             out = args.out / f"serve_{mode}.json"
             bench = ["coinfer", "bench", "latency", "--url", url, "--data", str(args.data), "--rate", "50"]
