@@ -21,7 +21,7 @@ def bundle_dir(tmp_path, images):
 
 
 def test_round_trip_gives_the_same_models_and_code(bundle_dir, images):
-    b = Bundle.load(bundle_dir)
+    b = Bundle.load(bundle_dir, trust_code=True)
     assert b.code == Code(3, 2)
     assert b.input_shape == (1, 6, 6) and b.class_names == list("abcde")
     assert b.encoder["method"] == "average"
@@ -34,7 +34,7 @@ def test_round_trip_gives_the_same_models_and_code(bundle_dir, images):
         "coded_0.safetensors",
         "coded_1.safetensors",
     }
-    b2 = Bundle.load(bundle_dir)
+    b2 = Bundle.load(bundle_dir, trust_code=True)
     for i in range(b.n):
         torch.testing.assert_close(b.model(i)(images), b2.model(i)(images))
     outs = b.predict(images)
@@ -47,7 +47,7 @@ def test_models_survive_the_round_trip_exactly(tmp_path, images):
     code = Code(2, 1)
     coded = encode(models, code, images, method="coin")
     Bundle(SPEC, code, models, list(coded), (1, 6, 6)).save(tmp_path / "c")
-    b = Bundle.load(tmp_path / "c")
+    b = Bundle.load(tmp_path / "c", trust_code=True)
     for orig, loaded in zip(models + list(coded), b.all_models, strict=True):
         for (n, p), q in zip(orig.state_dict().items(), loaded.state_dict().values(), strict=True):
             assert torch.equal(p, q), n
@@ -60,38 +60,38 @@ def test_a_flipped_byte_is_refused_naming_the_file(bundle_dir, name):
     raw[len(raw) // 2] ^= 0x01
     f.write_bytes(bytes(raw))
     with pytest.raises(BundleError, match=f"{name} is corrupted"):
-        Bundle.load(bundle_dir)
+        Bundle.load(bundle_dir, trust_code=True)
     assert Bundle.verify(bundle_dir)[name] is False
 
 
 def test_a_missing_file_is_refused(bundle_dir):
     (bundle_dir / "coded_1.safetensors").unlink()
     with pytest.raises(BundleError, match="coded_1.safetensors is missing"):
-        Bundle.load(bundle_dir)
+        Bundle.load(bundle_dir, trust_code=True)
     (bundle_dir / "manifest.json").unlink()
     with pytest.raises(BundleError, match="manifest.json is missing"):
-        Bundle.load(bundle_dir)
+        Bundle.load(bundle_dir, trust_code=True)
 
 
 def test_a_wrong_architecture_is_refused(bundle_dir):
     with pytest.raises(BundleError, match="was built for architecture"):
-        Bundle.load(bundle_dir, architecture="lenet5")
+        Bundle.load(bundle_dir, architecture="lenet5", trust_code=True)
     # a manifest edited to another architecture no longer fits the weights
     mf = bundle_dir / "manifest.json"
     m = json.loads(mf.read_text())
     m["architecture"] = {"name": "tests.conftest:small_cnn", "kwargs": {"num_classes": 7}}
     mf.write_text(json.dumps(m))
     with pytest.raises(BundleError, match="do not match architecture"):
-        Bundle.load(bundle_dir)
+        Bundle.load(bundle_dir, trust_code=True)
 
 
 def test_a_bad_manifest_is_refused(bundle_dir, tmp_path):
     mf = bundle_dir / "manifest.json"
     mf.write_text("{not json")
     with pytest.raises(BundleError, match="not valid JSON"):
-        Bundle.load(bundle_dir)
+        Bundle.load(bundle_dir, trust_code=True)
     with pytest.raises(BundleError, match="does not exist"):
-        Bundle.load(tmp_path / "nowhere")
+        Bundle.load(tmp_path / "nowhere", trust_code=True)
 
 
 def test_unknown_architectures_are_named():
