@@ -230,7 +230,7 @@ def build_admin_app(runtime: Runtime) -> FastAPI:
         try:
             return await runtime.restart(req.worker)
         except WorkerRefused as exc:  # kept down, with the reason, in /admin/state
-            return _error(409, "worker_refused", str(exc), worker=exc.worker, reason=exc.reason)
+            return _error(409, "worker_refused", str(exc), worker=exc.worker, down=exc.reason)
 
     @app.post("/admin/config")
     async def config(req: ConfigRequest) -> dict[str, Any]:

@@ -375,7 +375,7 @@ class Runtime:
 
         self.down[w] = reason
         try:
-            serve.delete(self.slots[w].app, _blocking=False)
+            serve.delete(self.slots[w].app)
             self._removed.add(w)
         except Exception as exc:  # keep the worker marked down regardless
             log.warning("could not delete Serve application %s: %s", self.slots[w].app, exc)
