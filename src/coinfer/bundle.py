@@ -384,6 +384,13 @@ class Bundle:
         path = Path(path)
         manifest = cls.read_manifest(path)
         cls.check_manifest(manifest, path / MANIFEST, max_condition)
+        return cls.check_files(path, manifest)
+
+    @staticmethod
+    def check_files(path: str | Path, manifest: Mapping[str, Any]) -> dict[str, bool]:
+        """sha256 check of the files of a manifest that :meth:`check_manifest`
+        accepted: ``{filename: ok}``; missing and non-regular files are False."""
+        path = Path(path)
         out = {}
         for name, digest in manifest["files"].items():
             try:

@@ -228,7 +228,7 @@ def inspect(
     console.print(t)
     if total > INSPECT_PATTERNS:
         console.print(f"showing the first {INSPECT_PATTERNS} of {total} erasure patterns")
-    checks = Bundle.verify(bundle, max_condition)
+    checks = Bundle.check_files(bundle, manifest)
     h = Table("file", "sha256", "ok")
     for name, ok in checks.items():
         h.add_row(name, manifest["files"][name][:16] + "…", "[green]ok[/]" if ok else "[red]MISMATCH[/]")

@@ -157,7 +157,7 @@ class Runtime:
         manifest = Bundle.read_manifest(config.bundle)
         rt = cls(config, manifest)  # validates the manifest
         check_trusted(rt.architecture, config.trust_code, source=f"bundle {config.bundle}")
-        checks = Bundle.verify(config.bundle, config.max_condition)
+        checks = Bundle.check_files(config.bundle, manifest)
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise BundleError(f"bundle {config.bundle}: files {bad} are missing or do not match their sha256")
