@@ -313,3 +313,14 @@ def test_a_crash_mid_save_leaves_no_half_bundle(tmp_path, monkeypatch, existing)
     if existing:  # the old bundle is intact, byte for byte
         assert {p.name: p.read_bytes() for p in target.iterdir()} == before
         assert Bundle.load(target).code.r == 2
+
+
+def test_registered_kwargs_describing_a_huge_model_are_refused_before_allocating(tmp_path):
+    target = _small_bundle(r=1).save(tmp_path / "b")
+    m = json.loads((target / "manifest.json").read_text())
+    m["architecture"]["kwargs"]["hidden"] = [10**9]  # 40 GB of weights if built
+    (target / "manifest.json").write_text(json.dumps(m))
+    t0 = time.perf_counter()
+    with pytest.raises(BundleError, match="needs 4000000.* bytes of weights but the file holds"):
+        Bundle.load(target)
+    assert time.perf_counter() - t0 < 2.0

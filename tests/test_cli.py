@@ -281,3 +281,16 @@ def test_bundle_loading_commands_document_the_opt_in():
             [sys.executable, "-m", "coinfer.cli", name, "--help"], capture_output=True, text=True, timeout=60
         )
         assert "--trust-code" in res.stdout and "--max-condition" in res.stdout, res.stdout
+
+
+def test_serve_refuses_code_in_a_bundle_before_starting_ray(monkeypatch, capsys, tmp_path, checkpoints):
+    ray = pytest.importorskip("ray")
+    paths, calib = checkpoints
+    out = tmp_path / "bundle"
+    assert run_cli(monkeypatch, capsys, *encode_args(paths, calib, out))[0] == 0
+    marker = tmp_path / "marker"
+    _retarget(out, architecture={"name": "os:system", "kwargs": {"command": f"touch {marker}"}})
+    was_up = ray.is_initialized()
+    code, _, err = run_cli(monkeypatch, capsys, "serve", out, "--port", "0", "--admin-port", "0")
+    assert code == 1 and "architecture 'os:system'" in err and "--trust-code" in err
+    assert not marker.exists() and ray.is_initialized() == was_up

@@ -35,7 +35,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
-from coinfer.architectures import build_model, check_trusted, normalize_spec
+from coinfer.architectures import build_model, check_trusted, is_registered, normalize_spec
 from coinfer.code import MAX_CONDITION_CEILING, Code
 from coinfer.errors import BundleError, CodeError, CoinferError
 
@@ -132,6 +132,7 @@ def load_model(
                 f"bundle file {path} is corrupted or was changed ({SHA256_MISMATCH}): its sha256 "
                 f"{digest[:12]}… is not the verified {sha256[:12]}…"
             )
+    _check_size(spec, len(raw), path)
     model = build_model(spec)
     if parity is not None:
         from coinfer.heads import build_parity
@@ -457,6 +458,31 @@ class Bundle:
         idx = range(self.n) if indices is None else indices
         with torch.no_grad():
             return {i: torch.softmax(self.model(i)(x), dim=-1) for i in idx}
+
+
+def _check_size(spec: dict[str, Any], file_bytes: int, path: str | Path) -> None:
+    """Refuse a registered architecture whose kwargs describe a model far larger
+    than its weights file (``hidden: [10**9]`` would exhaust memory before the
+    weights are found not to match): the model is first built on the ``meta``
+    device, which allocates nothing. A user's own (trusted) factory is not
+    called twice, so it is not checked here."""
+    if not is_registered(spec):
+        return
+    try:
+        with torch.device("meta"):
+            sd = build_model(spec).state_dict()
+    except CoinferError:
+        raise
+    except Exception as exc:
+        raise BundleError(
+            f"{path}: architecture {spec['name']!r} cannot be built from {spec['kwargs']}: {exc}"
+        ) from None
+    need = sum(t.numel() * t.element_size() for t in sd.values())
+    if need > 2 * file_bytes + (1 << 20):
+        raise BundleError(
+            f"{path}: architecture {spec['name']!r} with kwargs {spec['kwargs']} needs {need} bytes of "
+            f"weights but the file holds {file_bytes}; refusing to build it"
+        )
 
 
 def check_save_target(path: Path, overwrite: bool) -> None:
