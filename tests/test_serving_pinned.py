@@ -13,8 +13,6 @@ import torch
 
 from coinfer import Bundle, Code, build_model, encode
 
-pytestmark = pytest.mark.ray
-
 ARCH = {"name": "mlp", "kwargs": {"in_features": 16, "hidden": [8], "num_classes": 5}}
 
 
@@ -42,6 +40,7 @@ def server(tmp_path):
         ray.shutdown()
 
 
+@pytest.mark.ray
 def test_a_worker_restarted_on_a_changed_bundle_refuses_it_and_stays_down(server):
     from ray import serve
 
@@ -84,3 +83,33 @@ def test_a_worker_restarted_on_a_changed_bundle_refuses_it_and_stays_down(server
         assert not reply["outputs"][0]["reconstructed"]
         np.testing.assert_allclose(reply["outputs"][0]["probabilities"], want[0].numpy(), atol=1e-5)
     admin.close()
+
+
+def test_a_refused_replica_is_read_from_serves_deployment_status(monkeypatch, tmp_path):
+    """Without Ray: what restart learns from ``serve.status()``."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from coinfer.serving.runtime import Runtime, ServeConfig
+
+    torch.manual_seed(0)
+    models = [build_model(ARCH) for _ in range(2)]
+    path = Bundle(ARCH, Code(2, 1), models, [build_model(ARCH)], (16,)).save(tmp_path / "b")
+    rt = Runtime(ServeConfig(path, app_prefix="p"), Bundle.read_manifest(path))
+    error = (
+        "A replica failed to start with exception. Retrying. Error:\nTraceback (most recent call last):\n"
+        '  File "worker.py", line 75\ncoinfer.errors.BundleError: bundle file /b/data_0.safetensors is '
+        "corrupted or was changed (sha256 mismatch): its sha256 aaa… is not the verified bbb…\n"
+    )
+    apps = {}
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications=apps))
+    assert rt.startup_failure(0) is None  # no application: nothing reported
+    dep = SimpleNamespace(status=SimpleNamespace(value="UNHEALTHY"), message=error)
+    apps["p-w0"] = SimpleNamespace(deployments={"worker0": dep})
+    assert rt.startup_failure(0).startswith("coinfer.errors.BundleError: bundle file /b/data_0")
+    assert "sha256 mismatch" in rt.startup_failure(0)
+    dep.status = SimpleNamespace(value="HEALTHY")  # a stale message of a healthy deployment
+    assert rt.startup_failure(0) is None
+    dep.status, dep.message = SimpleNamespace(value="UNHEALTHY"), "A replica's health check failed."
+    assert rt.startup_failure(0) is None  # a dead replica being replaced is not a refusal

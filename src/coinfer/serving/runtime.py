@@ -362,9 +362,8 @@ class Runtime:
             return None
         for dep in app.deployments.values():
             msg = dep.message or ""
-            if str(dep.status) != "HEALTHY" and (
-                "failed to start" in msg or str(dep.status) == "DEPLOY_FAILED"
-            ):
+            status = getattr(dep.status, "value", str(dep.status))  # a str Enum: "HEALTHY", ...
+            if status != "HEALTHY" and ("failed to start" in msg or status == "DEPLOY_FAILED"):
                 return _error_line(msg)
         return None
 
