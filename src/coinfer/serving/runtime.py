@@ -367,12 +367,11 @@ class Runtime:
                 return _error_line(msg)
         return None
 
-    def _take_down(self, w: int, reason: str) -> None:
-        """Mark ``w`` down with ``reason`` and delete its Serve application, so
-        that Serve stops re-running a constructor that refuses to start."""
+    def _delete_app(self, w: int) -> None:
+        """Delete worker ``w``'s Serve application, so that Serve stops
+        re-running a constructor that refuses to start."""
         from ray import serve
 
-        self.down[w] = reason
         try:
             serve.delete(self.slots[w].app)
             self._removed.add(w)
@@ -406,10 +405,11 @@ class Runtime:
         while time.perf_counter() - t0 < timeout_s:
             reason = await asyncio.to_thread(self.startup_failure, w)
             if reason is not None:
-                await asyncio.to_thread(self._take_down, w, f"refused to start: {reason}")
+                self.down[w] = f"refused to start: {reason}"
+                await asyncio.to_thread(self._delete_app, w)
                 raise WorkerRefused(f"worker {w} refused to start and stays down: {reason}", w, self.down[w])
             try:
-                info = await asyncio.wait_for(self.slots[w].handle.info.remote(), timeout=1.0)
+                info = await asyncio.wait_for(self.slots[w].handle.info.remote(), timeout=3.0)
                 self.down.pop(w, None)
                 return {"worker": w, "seconds": round(time.perf_counter() - t0, 3), **info}
             except Exception as exc:  # replica still starting
