@@ -224,6 +224,8 @@ def test_inspect_refuses_hostile_manifests_fast(monkeypatch, capsys, tmp_path, c
     cases = [
         ({"code": {**good["code"], "r": 40}}, "r must be in 1..8, got 40"),
         ({"code": {**good["code"], "k": 2.9}}, "k must be an integer, got 2.9"),
+        ({"encoder": ["not", "an", "object"]}, "encoder must be an object"),
+        ({"input_shape": [10**9]}, "input_shape must be a list"),
         ({"files": {**files, "/dev/zero": files["data_0.safetensors"]}}, "needs exactly"),
         (
             {"files": {"../x" if n == "data_0.safetensors" else n: h for n, h in files.items()}},

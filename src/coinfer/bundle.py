@@ -356,6 +356,8 @@ class Bundle:
                 f"{where}: input_shape must be a list of 1..{MAX_INPUT_DIMS} integers in "
                 f"1..{MAX_INPUT_SIZE}, got {shape!r}"
             )
+        if not isinstance(manifest.get("encoder") or {}, dict):
+            raise BundleError(f"{where}: encoder must be an object or null")
         names = manifest.get("class_names")
         if names is not None and (not isinstance(names, list) or not all(isinstance(c, str) for c in names)):
             raise BundleError(f"{where}: class_names must be a list of strings or null")
