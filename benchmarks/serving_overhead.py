@@ -117,6 +117,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", type=Path, nargs="?", help="bundle to serve (not needed with --no-serve)")
     ap.add_argument("--iters", type=int, default=500)
+    ap.add_argument(
+        "--trust-code", action="store_true", help="allow a package.module:factory architecture (code)"
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/serving-overhead.json"))
     ap.add_argument(
         "--no-serve", action="store_true", help="only the decode and collector timings (no Ray, no bundle)"
@@ -142,7 +145,7 @@ def main() -> None:
         return
     from coinfer.serving.runtime import Runtime, ServeConfig
 
-    rt = Runtime.start(ServeConfig(args.bundle, baselines=False))
+    rt = Runtime.start(ServeConfig(args.bundle, baselines=False, trust_code=args.trust_code))
     try:
         x = np.zeros((1, *rt.input_shape), dtype=np.float32)
         out["served"] = asyncio.run(served(rt, x, args.iters))

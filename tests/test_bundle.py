@@ -1,11 +1,13 @@
 """Bundles: round trip, hash verification, architecture checks."""
 
 import json
+import time
 
 import pytest
 import torch
 
 from coinfer import ArchitectureError, Bundle, BundleError, Code, build_model, encode
+from coinfer.bundle import load_model
 
 SPEC = {"name": "tests.conftest:small_cnn", "kwargs": {"num_classes": 5}}
 
@@ -21,7 +23,7 @@ def bundle_dir(tmp_path, images):
 
 
 def test_round_trip_gives_the_same_models_and_code(bundle_dir, images):
-    b = Bundle.load(bundle_dir)
+    b = Bundle.load(bundle_dir, trust_code=True)
     assert b.code == Code(3, 2)
     assert b.input_shape == (1, 6, 6) and b.class_names == list("abcde")
     assert b.encoder["method"] == "average"
@@ -34,7 +36,7 @@ def test_round_trip_gives_the_same_models_and_code(bundle_dir, images):
         "coded_0.safetensors",
         "coded_1.safetensors",
     }
-    b2 = Bundle.load(bundle_dir)
+    b2 = Bundle.load(bundle_dir, trust_code=True)
     for i in range(b.n):
         torch.testing.assert_close(b.model(i)(images), b2.model(i)(images))
     outs = b.predict(images)
@@ -47,7 +49,7 @@ def test_models_survive_the_round_trip_exactly(tmp_path, images):
     code = Code(2, 1)
     coded = encode(models, code, images, method="coin")
     Bundle(SPEC, code, models, list(coded), (1, 6, 6)).save(tmp_path / "c")
-    b = Bundle.load(tmp_path / "c")
+    b = Bundle.load(tmp_path / "c", trust_code=True)
     for orig, loaded in zip(models + list(coded), b.all_models, strict=True):
         for (n, p), q in zip(orig.state_dict().items(), loaded.state_dict().values(), strict=True):
             assert torch.equal(p, q), n
@@ -60,38 +62,38 @@ def test_a_flipped_byte_is_refused_naming_the_file(bundle_dir, name):
     raw[len(raw) // 2] ^= 0x01
     f.write_bytes(bytes(raw))
     with pytest.raises(BundleError, match=f"{name} is corrupted"):
-        Bundle.load(bundle_dir)
+        Bundle.load(bundle_dir, trust_code=True)
     assert Bundle.verify(bundle_dir)[name] is False
 
 
 def test_a_missing_file_is_refused(bundle_dir):
     (bundle_dir / "coded_1.safetensors").unlink()
     with pytest.raises(BundleError, match="coded_1.safetensors is missing"):
-        Bundle.load(bundle_dir)
+        Bundle.load(bundle_dir, trust_code=True)
     (bundle_dir / "manifest.json").unlink()
     with pytest.raises(BundleError, match="manifest.json is missing"):
-        Bundle.load(bundle_dir)
+        Bundle.load(bundle_dir, trust_code=True)
 
 
 def test_a_wrong_architecture_is_refused(bundle_dir):
     with pytest.raises(BundleError, match="was built for architecture"):
-        Bundle.load(bundle_dir, architecture="lenet5")
+        Bundle.load(bundle_dir, architecture="lenet5", trust_code=True)
     # a manifest edited to another architecture no longer fits the weights
     mf = bundle_dir / "manifest.json"
     m = json.loads(mf.read_text())
     m["architecture"] = {"name": "tests.conftest:small_cnn", "kwargs": {"num_classes": 7}}
     mf.write_text(json.dumps(m))
     with pytest.raises(BundleError, match="do not match architecture"):
-        Bundle.load(bundle_dir)
+        Bundle.load(bundle_dir, trust_code=True)
 
 
 def test_a_bad_manifest_is_refused(bundle_dir, tmp_path):
     mf = bundle_dir / "manifest.json"
     mf.write_text("{not json")
     with pytest.raises(BundleError, match="not valid JSON"):
-        Bundle.load(bundle_dir)
+        Bundle.load(bundle_dir, trust_code=True)
     with pytest.raises(BundleError, match="does not exist"):
-        Bundle.load(tmp_path / "nowhere")
+        Bundle.load(tmp_path / "nowhere", trust_code=True)
 
 
 def test_unknown_architectures_are_named():
@@ -112,3 +114,213 @@ def test_reference_architectures_build_and_run():
     assert r(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     assert 260_000 < sum(p.numel() for p in r.parameters()) < 280_000
     assert build_model("mlp")(torch.zeros(2, 64)).shape == (2, 10)
+
+
+# --------------------------------------------------------------------------- trust model
+def make_marker(path: str) -> torch.nn.Module:
+    """A factory with a visible side effect: it creates ``path``."""
+    from pathlib import Path
+
+    Path(path).write_text("ran")
+    return torch.nn.Linear(2, 2)
+
+
+def _edit_manifest(bundle_dir, **fields):
+    mf = bundle_dir / "manifest.json"
+    m = json.loads(mf.read_text())
+    m.update(fields)
+    mf.write_text(json.dumps(m))
+    return m
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [("os:system", {"command": "touch {marker}"}), ("tests.test_bundle:make_marker", {"path": "{marker}"})],
+)
+def test_code_in_a_manifest_is_refused_without_opt_in_and_nothing_runs(bundle_dir, tmp_path, name, kwargs):
+    from coinfer.errors import UntrustedCodeError
+
+    marker = tmp_path / "marker"
+    kwargs = {k: v.format(marker=marker) for k, v in kwargs.items()}
+    _edit_manifest(bundle_dir, architecture={"name": name, "kwargs": kwargs})
+    with pytest.raises(UntrustedCodeError, match=f"architecture '{name}'.*trust_code=True.*--trust-code"):
+        Bundle.load(bundle_dir)
+    assert not marker.exists()
+    # a worker's loader refuses it the same way, before reading the file
+    with pytest.raises(BundleError, match="refusing to run it"):
+        load_model({"name": name, "kwargs": kwargs}, bundle_dir / "data_0.safetensors")
+    assert not marker.exists()
+
+
+def test_trusted_code_loads_and_registered_architectures_need_no_opt_in(bundle_dir, tmp_path, images):
+    b = Bundle.load(bundle_dir, trust_code=True)  # tests.conftest:small_cnn, a harmless factory
+    assert b.model(0)(images).shape == (len(images), 5)
+    torch.manual_seed(0)
+    spec = {"name": "mlp", "kwargs": {"in_features": 36, "hidden": [4], "num_classes": 3}}
+    models = [build_model(spec) for _ in range(2)]
+    coded = encode(models, Code(2, 1), images.flatten(1), method="average")
+    Bundle(spec, Code(2, 1), models, list(coded), (36,)).save(tmp_path / "mlp")
+    assert Bundle.load(tmp_path / "mlp").n == 3
+
+
+@pytest.mark.parametrize(
+    "code,needle",
+    [
+        ({"k": 2.9, "r": 2}, "k must be an integer, got 2.9"),
+        ({"k": True, "r": 2}, "k must be an integer, got True"),
+        ({"k": 3, "r": "2"}, "r must be an integer"),
+        ({"k": 3, "r": 40}, "r must be in 1..8, got 40"),
+        ({"k": 3, "r": 2, "weights": [[0.5, 0.5], [0.5, 0.5]]}, "shape (r, k) = (2, 3)"),
+        ({"k": 3, "r": 2, "weights": [[float("nan"), 0.5, 0.5], [0.2, 0.3, 0.5]]}, "NaN"),
+        ({"k": 3, "r": 2, "weights": [[1 - 1e-9, 1e-9, 0.0], [0.2, 0.3, 0.5]]}, "condition number"),
+        ({"k": 3, "r": 2, "weights": [[True, False, False], [0.2, 0.3, 0.5]]}, "must be a number"),
+        ({"k": 3, "r": 2, "max_condition": 1e300}, "recorded max_condition must be in"),
+    ],
+)
+def test_a_bad_code_in_a_manifest_is_refused_before_any_file_is_read(bundle_dir, monkeypatch, code, needle):
+    import coinfer.bundle as bundle_mod
+
+    _edit_manifest(bundle_dir, code=code)
+    read, real = [], bundle_mod.read_regular_file
+
+    def spy(path, *args):
+        if not str(path).endswith("manifest.json"):
+            read.append(path)
+        return real(path, *args)
+
+    monkeypatch.setattr(bundle_mod, "read_regular_file", spy)
+    monkeypatch.setattr(bundle_mod, "sha256_file", lambda *a, **k: read.append(a) or "")
+    t0 = time.perf_counter()
+    with pytest.raises(BundleError, match="invalid code") as ei:
+        Bundle.load(bundle_dir, trust_code=True)
+    assert needle in str(ei.value) and time.perf_counter() - t0 < 1.0
+    with pytest.raises(BundleError, match="invalid code"):
+        Bundle.verify(bundle_dir)
+    assert read == []
+
+
+def test_a_recorded_max_condition_can_tighten_but_only_the_loader_can_loosen(bundle_dir):
+    w = [[0.98, 0.01, 0.01], [0.01, 0.98, 0.01]]  # valid, worst condition number in the hundreds
+    worst = Code(3, 2, w, max_condition=1e12).worst_condition
+    _edit_manifest(bundle_dir, code={"k": 3, "r": 2, "weights": w, "max_condition": worst / 2})
+    with pytest.raises(BundleError, match="max_condition"):
+        Bundle.load(bundle_dir, trust_code=True, max_condition=1e12)  # the recorded limit wins
+    _edit_manifest(bundle_dir, code={"k": 3, "r": 2, "weights": w, "max_condition": 1e12})
+    with pytest.raises(BundleError, match="max_condition"):
+        Bundle.check_manifest(json.loads((bundle_dir / "manifest.json").read_text()), max_condition=worst / 2)
+    arch, code = Bundle.check_manifest(json.loads((bundle_dir / "manifest.json").read_text()))
+    assert code.max_condition == 1e6  # 1e12 recorded, the default 1e6 applies
+
+
+@pytest.mark.parametrize(
+    "files,needle",
+    [
+        ("dev", "needs exactly"),
+        ("dotdot", "needs exactly"),
+        ("extra", "needs exactly"),
+        ("missing", "needs exactly"),
+        ("badhash", "64 lowercase hex"),
+    ],
+)
+def test_the_file_list_must_be_exactly_the_bundle_names(bundle_dir, files, needle):
+    m = json.loads((bundle_dir / "manifest.json").read_text())
+    f = dict(m["files"])
+    digest = f.pop("data_0.safetensors")
+    if files == "dev":
+        f["/dev/zero"] = digest
+    elif files == "dotdot":
+        f["../data_0.safetensors"] = digest
+    elif files == "extra":
+        f["data_0.safetensors"] = digest
+        f["data_9.safetensors"] = digest
+    elif files == "badhash":
+        f["data_0.safetensors"] = "x" * 64
+    _edit_manifest(bundle_dir, files=f)
+    t0 = time.perf_counter()
+    for call in (lambda: Bundle.load(bundle_dir, trust_code=True), lambda: Bundle.verify(bundle_dir)):
+        with pytest.raises(BundleError, match=needle):
+            call()
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_a_bundle_file_that_is_not_a_regular_file_is_refused_without_reading_it(bundle_dir):
+    import os
+
+    (bundle_dir / "data_1.safetensors").unlink()
+    (bundle_dir / "data_1.safetensors").symlink_to("/dev/zero")
+    os.mkfifo(bundle_dir / "coded_0.safetensors.fifo")
+    (bundle_dir / "coded_0.safetensors").unlink()
+    (bundle_dir / "coded_0.safetensors.fifo").rename(bundle_dir / "coded_0.safetensors")
+    with pytest.raises(BundleError, match="data_1.safetensors is not a regular file"):
+        Bundle.load(bundle_dir, trust_code=True)
+    checks = Bundle.verify(bundle_dir)  # a FIFO would block a plain open(); this returns
+    assert checks["data_1.safetensors"] is False and checks["coded_0.safetensors"] is False
+    assert checks["data_0.safetensors"] is True
+
+
+# --------------------------------------------------------------------------- safe saving
+def _small_bundle(r: int = 2) -> Bundle:
+    torch.manual_seed(0)
+    spec = {"name": "mlp", "kwargs": {"in_features": 6, "hidden": [4], "num_classes": 3}}
+    models = [build_model(spec) for _ in range(3)]
+    coded = encode(models, Code(3, r), torch.randn(8, 6), method="average")
+    return Bundle(spec, Code(3, r), models, list(coded), (6,))
+
+
+def test_save_refuses_an_existing_bundle_and_overwrite_leaves_no_stale_file(tmp_path):
+    target = _small_bundle(r=2).save(tmp_path / "b")
+    assert (target / "coded_1.safetensors").exists()
+    with pytest.raises(BundleError, match="already exists; pass overwrite=True"):
+        _small_bundle(r=1).save(target)
+    assert Bundle.load(target).code.r == 2
+    _small_bundle(r=1).save(target, overwrite=True)
+    assert sorted(p.name for p in target.iterdir()) == [
+        "coded_0.safetensors",
+        "data_0.safetensors",
+        "data_1.safetensors",
+        "data_2.safetensors",
+        "manifest.json",
+    ]
+    assert Bundle.load(target).code.r == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary or old directory left
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "x.txt").write_text("mine")
+    with pytest.raises(BundleError, match="not a bundle; refusing to replace it"):
+        _small_bundle().save(tmp_path / "notes", overwrite=True)
+    assert (tmp_path / "notes" / "x.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_crash_mid_save_leaves_no_half_bundle(tmp_path, monkeypatch, existing):
+    import coinfer.bundle as bundle_mod
+
+    target = tmp_path / "b"
+    if existing:
+        _small_bundle(r=2).save(target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()} if existing else None
+    real, calls = bundle_mod.save_model, []
+
+    def crash_on_third(model, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError("disk full (simulated)")
+        real(model, path)
+
+    monkeypatch.setattr(bundle_mod, "save_model", crash_on_third)
+    with pytest.raises(OSError, match="simulated"):
+        _small_bundle(r=1).save(target, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == (["b"] if existing else [])
+    if existing:  # the old bundle is intact, byte for byte
+        assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+        assert Bundle.load(target).code.r == 2
+
+
+def test_registered_kwargs_describing_a_huge_model_are_refused_before_allocating(tmp_path):
+    target = _small_bundle(r=1).save(tmp_path / "b")
+    m = json.loads((target / "manifest.json").read_text())
+    m["architecture"]["kwargs"]["hidden"] = [10**9]  # 40 GB of weights if built
+    (target / "manifest.json").write_text(json.dumps(m))
+    t0 = time.perf_counter()
+    with pytest.raises(BundleError, match="needs 4000000.* bytes of weights but the file holds"):
+        Bundle.load(target)
+    assert time.perf_counter() - t0 < 2.0

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -166,3 +167,132 @@ def test_encode_a_heads_parity_inspect_shows_its_cost_and_predict_decodes_it(
     res = json.loads(stdout)
     want = b.code.decode(b.predict(torch.from_numpy(np.load(x)), [0, 2, 3]), project=True)
     np.testing.assert_allclose(res["outputs"][1]["probabilities"], want[1].numpy(), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- trust model
+def _retarget(out, **fields):
+    mf = out / "manifest.json"
+    m = json.loads(mf.read_text())
+    m.update(fields)
+    mf.write_text(json.dumps(m))
+
+
+def test_code_in_a_bundle_needs_trust_code_on_the_command_line(monkeypatch, capsys, tmp_path, checkpoints):
+    paths, calib = checkpoints
+    out = tmp_path / "bundle"
+    assert run_cli(monkeypatch, capsys, *encode_args(paths, calib, out))[0] == 0
+    x = tmp_path / "x.npy"
+    np.save(x, np.zeros((2, 12), np.float32))
+    # a registered architecture needs no opt-in
+    assert run_cli(monkeypatch, capsys, "predict", out, "--input", x)[0] == 0
+    marker = tmp_path / "marker"
+    _retarget(out, architecture={"name": "os:system", "kwargs": {"command": f"touch {marker}"}})
+    code, stdout, err = run_cli(monkeypatch, capsys, "predict", out, "--input", x)
+    assert code == 1 and "architecture 'os:system'" in err and "--trust-code" in err
+    assert not marker.exists()
+    code, stdout, err = run_cli(monkeypatch, capsys, "inspect", out)  # inspect builds nothing
+    assert code == 0 and "loading it needs --trust-code" in stdout and not marker.exists()
+    # a harmless factory of the user's own, opted in
+    kwargs = json.loads(ARCH_KWARGS)
+    _retarget(out, architecture={"name": "tests.test_cli:my_mlp", "kwargs": kwargs})
+    assert run_cli(monkeypatch, capsys, "predict", out, "--input", x)[0] == 1
+    code, stdout, err = run_cli(monkeypatch, capsys, "predict", out, "--input", x, "--trust-code")
+    assert code == 0, err
+
+
+def my_mlp(**kwargs):
+    """A user's factory, referenced as tests.test_cli:my_mlp."""
+    return build_model({"name": "mlp", "kwargs": kwargs})
+
+
+def test_encode_refuses_an_existing_bundle_unless_overwrite(monkeypatch, capsys, tmp_path, checkpoints):
+    paths, calib = checkpoints
+    out = tmp_path / "bundle"
+    assert run_cli(monkeypatch, capsys, *encode_args(paths, calib, out, "--r", "2"))[0] == 0
+    code, _, err = run_cli(monkeypatch, capsys, *encode_args(paths, calib, out))
+    assert code == 1 and "already exists" in err and "--overwrite" in err
+    assert run_cli(monkeypatch, capsys, *encode_args(paths, calib, out, "--overwrite"))[0] == 0
+    assert not (out / "coded_1.safetensors").exists() and Bundle.load(out).code.r == 1
+
+
+def test_inspect_refuses_hostile_manifests_fast(monkeypatch, capsys, tmp_path, checkpoints):
+    paths, calib = checkpoints
+    out = tmp_path / "bundle"
+    assert run_cli(monkeypatch, capsys, *encode_args(paths, calib, out))[0] == 0
+    good = json.loads((out / "manifest.json").read_text())
+    files = dict(good["files"])
+    cases = [
+        ({"code": {**good["code"], "r": 40}}, "r must be in 1..8, got 40"),
+        ({"code": {**good["code"], "k": 2.9}}, "k must be an integer, got 2.9"),
+        ({"encoder": ["not", "an", "object"]}, "encoder must be an object"),
+        ({"input_shape": [10**9]}, "input_shape must be a list"),
+        ({"files": {**files, "/dev/zero": files["data_0.safetensors"]}}, "needs exactly"),
+        (
+            {"files": {"../x" if n == "data_0.safetensors" else n: h for n, h in files.items()}},
+            "needs exactly",
+        ),
+    ]
+    for fields, needle in cases:
+        (out / "manifest.json").write_text(json.dumps({**good, **fields}))
+        t0 = time.perf_counter()
+        code, _, err = run_cli(monkeypatch, capsys, "inspect", out)
+        assert code == 1 and needle in err, err
+        assert time.perf_counter() - t0 < 2.0
+
+
+def test_inspect_of_a_large_code_examines_a_capped_number_of_patterns(monkeypatch, capsys, tmp_path):
+    from coinfer import Code
+    from coinfer.bundle import FORMAT_VERSION
+    from coinfer.cli import INSPECT_PATTERNS
+    from coinfer.code import MAX_PATTERNS_CHECKED
+
+    code = Code(8, 8, max_condition=1e12)
+    out = tmp_path / "big"
+    out.mkdir()
+    files = {}
+    for i in range(code.n):
+        name = Bundle.filename(i, code.k)
+        (out / name).write_bytes(b"x")
+        files[name] = "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "architecture": {"name": "mlp", "kwargs": {}},
+        "code": code.to_dict(),
+        "input_shape": [64],
+        "files": files,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    conds = []
+    real = np.linalg.cond
+    monkeypatch.setattr(
+        np.linalg, "cond", lambda m, *a: conds.append(1 if np.ndim(m) == 2 else len(m)) or real(m)
+    )
+    code_, stdout, err = run_cli(monkeypatch, capsys, "inspect", out, "--max-condition", "1e12")
+    assert code_ == 0, err
+    assert f"{MAX_PATTERNS_CHECKED} of 12869 (a seeded sample)" in stdout
+    assert f"showing the first {INSPECT_PATTERNS} of 38947 erasure patterns" in stdout
+    assert sum(conds) == MAX_PATTERNS_CHECKED + INSPECT_PATTERNS
+    # without the loader's --max-condition the manifest's recorded 1e12 does not apply
+    code_, _, err = run_cli(monkeypatch, capsys, "inspect", out)
+    assert code_ == 1 and "max_condition 1e+06" in err
+
+
+def test_bundle_loading_commands_document_the_opt_in():
+    for name in ("predict", "serve"):
+        res = subprocess.run(
+            [sys.executable, "-m", "coinfer.cli", name, "--help"], capture_output=True, text=True, timeout=60
+        )
+        assert "--trust-code" in res.stdout and "--max-condition" in res.stdout, res.stdout
+
+
+def test_serve_refuses_code_in_a_bundle_before_starting_ray(monkeypatch, capsys, tmp_path, checkpoints):
+    ray = pytest.importorskip("ray")
+    paths, calib = checkpoints
+    out = tmp_path / "bundle"
+    assert run_cli(monkeypatch, capsys, *encode_args(paths, calib, out))[0] == 0
+    marker = tmp_path / "marker"
+    _retarget(out, architecture={"name": "os:system", "kwargs": {"command": f"touch {marker}"}})
+    was_up = ray.is_initialized()
+    code, _, err = run_cli(monkeypatch, capsys, "serve", out, "--port", "0", "--admin-port", "0")
+    assert code == 1 and "architecture 'os:system'" in err and "--trust-code" in err
+    assert not marker.exists() and ray.is_initialized() == was_up

@@ -1,6 +1,8 @@
 """The code's algebra: generator, decodability, exact decoding, validation."""
 
 import itertools
+import math
+import time
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coinfer import Code, CodeError, DecodeError, project_simplex
+from coinfer.code import MAX_K, MAX_PATTERNS_CHECKED, MAX_R
 
 
 @pytest.mark.parametrize("k", [2, 3, 4, 5, 6])
@@ -133,7 +136,9 @@ def test_project_simplex_gives_the_nearest_probability_vector(values):
     # and renormalised: float32 samples lie up to ~1e-7 off the simplex and could beat the
     # true projection by that much (seen in CI).
     g = torch.Generator().manual_seed(len(values))
-    cand = -torch.log(torch.rand(200, len(v), dtype=torch.float64, generator=g))  # Exp(1) = Dirichlet(1) after norm
+    cand = -torch.log(
+        torch.rand(200, len(v), dtype=torch.float64, generator=g)
+    )  # Exp(1) = Dirichlet(1) after norm
     cand = cand / cand.sum(-1, keepdim=True)
     assert float(((p - v) ** 2).sum()) <= float(((cand - v) ** 2).sum(-1).min()) + 1e-9
 
@@ -192,3 +197,84 @@ def test_default_weights_keep_every_decoding_well_conditioned(k, r):
     worst = max(code.condition_number(p) for p in code.erasure_patterns())
     assert worst <= 250.0, worst
     assert (code.weights > 0).all()
+
+
+# --------------------------------------------------------------------------- bounded validation
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        ((2.9, 1), "k must be an integer, got 2.9"),
+        ((True, 1), "k must be an integer, got True"),
+        ((2, False), "r must be an integer, got False"),
+        ((33, 1), f"k must be in 1..{MAX_K}"),
+        ((3, 40), f"r must be in 1..{MAX_R}, got 40"),
+        ((2, 1, [[1 - 1e-9, 1e-9]]), "condition number 2e+09 > max_condition 1e+06"),
+        ((2, 1, [[True, False]]), "weights[0][0] must be a number, got True"),
+        ((2, 1, [["0.5", 0.5]]), "must be a number"),
+    ],
+)
+def test_bad_parameters_are_refused_fast_naming_the_problem(args, needle):
+    t0 = time.perf_counter()
+    with pytest.raises(CodeError) as err:
+        Code(*args)
+    assert needle in str(err.value) and time.perf_counter() - t0 < 0.5
+
+
+def test_max_condition_is_the_builders_choice_recorded_and_bounded():
+    w = [[1 - 1e-5, 1e-5]]  # condition number ~ 2e5 < 1e6: accepted by default
+    assert Code(2, 1, w).to_dict()["max_condition"] == 1e6
+    with pytest.raises(CodeError, match="max_condition 1e\\+04"):
+        Code(2, 1, w, max_condition=1e4)
+    with pytest.raises(CodeError, match="condition number 2e\\+09"):
+        Code(2, 1, [[1 - 1e-9, 1e-9]])
+    loose = Code(2, 1, [[1 - 1e-9, 1e-9]], max_condition=1e10)
+    assert loose.to_dict()["max_condition"] == 1e10
+    # read back without the builder's say-so, the default limit applies again
+    with pytest.raises(CodeError, match="max_condition 1e\\+06"):
+        Code.from_dict(loose.to_dict())
+    assert Code.from_dict(loose.to_dict(), max_condition=1e10) == loose
+    for bad in (1e13, 0.5, float("nan"), True):
+        with pytest.raises(CodeError, match="max_condition must be"):
+            Code(2, 1, max_condition=bad)
+
+
+def test_the_condition_check_examines_a_capped_number_of_matrices(monkeypatch):
+    from coinfer import code as code_mod
+
+    seen = []
+    real = np.linalg.cond
+
+    def counting(m, *a, **kw):
+        seen.append(1 if np.ndim(m) == 2 else len(m))
+        return real(m, *a, **kw)
+
+    monkeypatch.setattr(code_mod.np.linalg, "cond", counting)
+    small = Code(4, 2)
+    assert small.patterns_checked == small.patterns_total == 14 and sum(seen) == 14
+    seen.clear()
+    t0 = time.perf_counter()
+    big = Code(8, 8, max_condition=1e12)  # C(16, 8) - 1 = 12869 decoding matrices
+    assert big.patterns_total == 12869 and big.patterns_checked == MAX_PATTERNS_CHECKED
+    assert sum(seen) == MAX_PATTERNS_CHECKED and time.perf_counter() - t0 < 5.0
+    # a matrix the sample did not reach is still checked, once, when it is first used to decode
+    limited = Code(8, 8, big.weights, max_condition=1e12)
+    limited.max_condition = 10.0
+    outs = limited.encode_outputs(torch.rand(8, 2, 3, dtype=torch.float64))
+    with pytest.raises(DecodeError, match="condition number .* > max_condition 10"):
+        limited.decode({i: outs[i] for i in range(8, 16)})
+
+
+def test_erasure_patterns_are_counted_without_enumerating_and_listing_is_capped(monkeypatch):
+    from coinfer import code as code_mod
+
+    code = Code(8, 8, max_condition=1e12)
+    n = code.count_erasure_patterns()
+    assert n == sum(math.comb(16, s) - math.comb(8, s) for s in range(1, 9)) == 38947
+    assert n == sum(1 for _ in code.iter_erasure_patterns())
+    monkeypatch.setattr(code_mod, "MAX_PATTERNS_LISTED", 10_000)
+    with pytest.raises(CodeError, match="38947 erasure patterns, more than the 10000"):
+        code.erasure_patterns()
+    assert len(code.erasure_patterns(max_erasures=2)) == code.count_erasure_patterns(2)
+    small = Code(3, 2)
+    assert small.erasure_patterns() == list(small.iter_erasure_patterns())
+    assert len(small.erasure_patterns()) == small.count_erasure_patterns()

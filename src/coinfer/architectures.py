@@ -4,6 +4,12 @@ An architecture spec is a JSON-able dict ``{"name": ..., "kwargs": {...}}``
 where ``name`` is a registered architecture (``mlp``, ``lenet5``, ``resnet20``)
 or a ``"package.module:factory"`` path to a user's own factory returning an
 ``nn.Module`` classifier that outputs logits.
+
+A ``package.module:factory`` spec is code: building it imports the module and
+calls the factory with the spec's kwargs (``os:system`` would run a shell
+command). :func:`build_model` builds whatever spec its caller wrote; specs read
+from a bundle manifest go through :func:`check_trusted` first (see the "Trust
+model" section of ``docs/serving.md``).
 """
 
 from __future__ import annotations
@@ -16,9 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coinfer.errors import ArchitectureError
+from coinfer.errors import ArchitectureError, UntrustedCodeError
 
-__all__ = ["MLP", "LeNet5", "ResNet20", "ARCHITECTURES", "build_model", "normalize_spec"]
+__all__ = [
+    "MLP",
+    "LeNet5",
+    "ResNet20",
+    "ARCHITECTURES",
+    "build_model",
+    "normalize_spec",
+    "is_registered",
+    "check_trusted",
+]
 
 
 class MLP(nn.Module):
@@ -115,12 +130,39 @@ def normalize_spec(spec: str | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(spec, str):
         return {"name": spec, "kwargs": {}}
     if isinstance(spec, Mapping) and "name" in spec:
+        if not isinstance(spec["name"], str):
+            raise ArchitectureError(f"architecture name must be a string, got {spec['name']!r}")
         kwargs = spec.get("kwargs") or {}
-        if not isinstance(kwargs, Mapping):
-            raise ArchitectureError(f"architecture kwargs must be a mapping, got {kwargs!r}")
-        return {"name": str(spec["name"]), "kwargs": dict(kwargs)}
+        if not isinstance(kwargs, Mapping) or not all(isinstance(key, str) for key in kwargs):
+            raise ArchitectureError(f"architecture kwargs must be a mapping with string keys, got {kwargs!r}")
+        return {"name": spec["name"], "kwargs": dict(kwargs)}
     raise ArchitectureError(
         f"architecture spec must be a name or {{'name': ..., 'kwargs': {{...}}}}, got {spec!r}"
+    )
+
+
+def is_registered(spec: str | Mapping[str, Any]) -> bool:
+    """Whether ``spec`` names a registered architecture (:data:`ARCHITECTURES`),
+    i.e. building it runs only coinfer's own code."""
+    return normalize_spec(spec)["name"] in ARCHITECTURES
+
+
+def check_trusted(spec: str | Mapping[str, Any], trust_code: bool, source: str = "bundle") -> dict[str, Any]:
+    """Normalise ``spec`` (read from ``source``) and refuse it, before anything is
+    imported, when it is code (not a registered architecture) and ``trust_code``
+    is False.
+
+    Raises:
+        UntrustedCodeError: naming the architecture and the opt-in.
+    """
+    spec = normalize_spec(spec)
+    if spec["name"] in ARCHITECTURES or trust_code:
+        return spec
+    raise UntrustedCodeError(
+        f"{source}: architecture {spec['name']!r} is not one of the registered architectures "
+        f"{sorted(ARCHITECTURES)} but code that loading would import and call with kwargs "
+        f"{spec['kwargs']}; refusing to run it. If you trust whoever made this bundle, opt in "
+        "with trust_code=True (Python) or --trust-code (CLI)"
     )
 
 
@@ -146,7 +188,11 @@ def _resolve(name: str) -> Callable[..., nn.Module]:
 
 
 def build_model(spec: str | Mapping[str, Any]) -> nn.Module:
-    """Instantiate a fresh model from an architecture spec."""
+    """Instantiate a fresh model from an architecture spec the caller wrote.
+
+    A ``package.module:factory`` spec imports and calls that factory: never pass
+    a spec read from a file you do not trust (bundles go through
+    :func:`check_trusted`)."""
     spec = normalize_spec(spec)
     factory = _resolve(spec["name"])
     try:

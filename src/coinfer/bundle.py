@@ -5,6 +5,14 @@ model (``data_0.safetensors`` … and ``coded_0.safetensors`` …). The manifest
 records the format version, architecture spec, code (k, r, W), encoder and its
 settings, input shape, class names and the sha256 of every tensor file.
 :meth:`Bundle.load` verifies every hash and the architecture before returning.
+
+A bundle is data: its manifest is validated (field types, the exact file list,
+the code's k, r and W with caps and a condition-number limit, parity
+structures) before any tensor is read, and an architecture that is code
+(``package.module:factory``) is refused unless the caller opts in with
+``trust_code=True`` (see "Trust model" in ``docs/serving.md``).
+:meth:`Bundle.save` writes a temporary directory next to the target and
+renames it into place.
 """
 
 from __future__ import annotations
@@ -12,29 +20,76 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import re
+import shutil
+import stat
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
-from coinfer.architectures import build_model, normalize_spec
-from coinfer.code import Code
+from coinfer.architectures import build_model, check_trusted, is_registered, normalize_spec
+from coinfer.code import MAX_CONDITION_CEILING, Code
 from coinfer.errors import BundleError, CodeError, CoinferError
 
-__all__ = ["Bundle", "FORMAT_VERSION", "sha256_file", "save_model", "load_model"]
+__all__ = [
+    "Bundle",
+    "FORMAT_VERSION",
+    "sha256_file",
+    "read_regular_file",
+    "save_model",
+    "load_model",
+    "check_save_target",
+]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+#: A larger manifest.json is refused before it is parsed.
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+#: Largest number of input dimensions, and largest size of one, in a manifest.
+MAX_INPUT_DIMS, MAX_INPUT_SIZE = 8, 1 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+#: Words in the error of a file whose sha256 is not the expected one (the
+#: serving frontend finds them in a refused worker's startup error).
+SHA256_MISMATCH = "sha256 mismatch"
+
+
+def _open_regular(path: str | Path) -> int:
+    """Open ``path`` for reading without blocking and return the fd, refusing
+    anything but a regular file (``/dev/zero``, a FIFO, a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise BundleError(f"bundle file {path} is missing") from None
+    except OSError as exc:
+        raise BundleError(f"cannot open bundle file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BundleError(f"bundle file {path} is not a regular file")
+    return fd
+
+
+def read_regular_file(path: str | Path, max_bytes: int | None = None) -> bytes:
+    """The bytes of a regular file (refusing devices, FIFOs, directories and,
+    with ``max_bytes``, larger files) read once, so that what is hashed is what is used."""
+    fd = _open_regular(path)
+    with os.fdopen(fd, "rb") as f:
+        if max_bytes is not None and os.fstat(f.fileno()).st_size > max_bytes:
+            raise BundleError(f"{path} is larger than the limit of {max_bytes} bytes")
+        return f.read()
 
 
 def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
+    """Hex sha256 of a regular file's bytes (BundleError for anything else)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(_open_regular(path), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -47,13 +102,37 @@ def save_model(model: nn.Module, path: str | Path) -> None:
 
 
 def load_model(
-    spec: str | Mapping[str, Any], path: str | Path, parity: Mapping[str, Any] | None = None
+    spec: str | Mapping[str, Any],
+    path: str | Path,
+    parity: Mapping[str, Any] | None = None,
+    *,
+    trust_code: bool = False,
+    sha256: str | None = None,
 ) -> nn.Module:
     """Build ``spec`` and load its weights from a safetensors file, strictly.
 
-    ``parity``: a coded model's structure from the manifest (``kind: heads``:
-    a :class:`~coinfer.heads.HeadsParity` over ``spec``); None for a model of
-    the architecture itself."""
+    Args:
+        spec: the architecture. A ``package.module:factory`` spec is code and
+            is refused (UntrustedCodeError, before anything is imported) unless
+            ``trust_code`` is True; registered architectures need no opt-in.
+        path: the safetensors file (a regular file; read once).
+        parity: a coded model's structure from the manifest (``kind: heads``:
+            a :class:`~coinfer.heads.HeadsParity` over ``spec``); None for a
+            model of the architecture itself.
+        trust_code: allow a ``package.module:factory`` architecture.
+        sha256: if given, the file's bytes must have this hex sha256 (checked on
+            the bytes that are then loaded).
+    """
+    spec = check_trusted(spec, trust_code, source=str(path))
+    raw = read_regular_file(path)
+    if sha256 is not None:
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest != sha256:
+            raise BundleError(
+                f"bundle file {path} is corrupted or was changed ({SHA256_MISMATCH}): its sha256 "
+                f"{digest[:12]}… is not the verified {sha256[:12]}…"
+            )
+    _check_size(spec, len(raw), path)
     model = build_model(spec)
     if parity is not None:
         from coinfer.heads import build_parity
@@ -63,7 +142,7 @@ def load_model(
         except CoinferError as exc:
             raise BundleError(f"{path}: cannot rebuild the parity's structure: {exc}") from None
     try:
-        sd = load_file(str(path))
+        sd = load_safetensors(raw)
     except Exception as exc:
         raise BundleError(f"{path}: not a readable safetensors file ({exc})") from None
     try:
@@ -128,11 +207,14 @@ class Bundle:
         return self.all_models[index]
 
     @staticmethod
-    def parity_structure(manifest: Mapping[str, Any], index: int) -> dict[str, Any] | None:
+    def parity_structure(
+        manifest: Mapping[str, Any], index: int, code: Code | None = None
+    ) -> dict[str, Any] | None:
         """The structure of worker ``index``'s model from a manifest: None for a
         model of the bundle's architecture (every data model, and a coded model
         built by a weight-space method), else a parity's structure (``kind``,
-        ``split``, ``members``, ``weights``), checked against the code."""
+        ``split``, ``members``, ``weights``), checked against the code
+        (``code``: the manifest's, already validated)."""
         k = int(manifest["code"]["k"])
         parities = manifest.get("parities")
         if index < k or parities is None:
@@ -148,7 +230,9 @@ class Bundle:
         if not isinstance(st, Mapping):
             raise BundleError(f"manifest parity {index - k} must be an object or null, got {st!r}")
         try:
-            row = Code.from_dict(manifest["code"]).weights[index - k]
+            if code is None:
+                code = Code.from_dict(manifest["code"], max_condition=MAX_CONDITION_CEILING)
+            row = code.weights[index - k]
         except (CodeError, KeyError, TypeError) as exc:
             raise BundleError(f"manifest: invalid code: {exc}") from None
         members, weights = st.get("members"), st.get("weights")
@@ -176,36 +260,50 @@ class Bundle:
         return f"data_{index}.safetensors" if index < k else f"coded_{index - k}.safetensors"
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write the bundle directory; returns its path."""
+        """Write the bundle directory; returns its path.
+
+        The files are written to a temporary directory next to ``path`` and
+        renamed into place once complete, so a crash never leaves a partial
+        bundle at ``path``. An existing ``path`` is refused unless it is an
+        empty directory or ``overwrite`` is True; with ``overwrite`` an existing
+        bundle (a directory holding ``manifest.json``; anything else is refused)
+        is replaced as a whole, only after the new one is complete.
+        """
         path = Path(path)
-        if path.exists() and any(path.iterdir()) and not overwrite:
-            if not (path / MANIFEST).exists():
-                raise BundleError(f"{path} exists, is not empty and is not a bundle; refusing to overwrite")
-        path.mkdir(parents=True, exist_ok=True)
-        files = {}
-        for i, m in enumerate(self.all_models):
-            name = self.filename(i, self.code.k)
-            save_model(m, path / name)
-            files[name] = sha256_file(path / name)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "architecture": self.architecture,
-            "code": self.code.to_dict(),
-            "encoder": _jsonable(self.encoder),
-            "input_shape": list(self.input_shape),
-            "class_names": self.class_names,
-            "parities": [_structure(m) for m in self.coded_models],
-            "files": files,
-        }
-        tmp = path / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2))
-        tmp.replace(path / MANIFEST)
+        check_save_target(path, overwrite)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            files = {}
+            for i, m in enumerate(self.all_models):
+                name = self.filename(i, self.code.k)
+                save_model(m, tmp / name)
+                files[name] = sha256_file(tmp / name)
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "architecture": self.architecture,
+                "code": self.code.to_dict(),
+                "encoder": _jsonable(self.encoder),
+                "input_shape": list(self.input_shape),
+                "class_names": self.class_names,
+                "parities": [_structure(m) for m in self.coded_models],
+                "files": files,
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            for name in [*files, MANIFEST]:
+                _fsync(tmp / name)
+            _install(tmp, path, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         self.manifest, self.path = manifest, path
         return path
 
     @classmethod
     def read_manifest(cls, path: str | Path) -> dict[str, Any]:
-        """Read and check ``manifest.json`` without loading any tensors."""
+        """Read ``manifest.json`` (a regular file of at most ``MAX_MANIFEST_BYTES``)
+        and check its required fields, without loading any tensors; see
+        :meth:`check_manifest` for the full validation."""
         path = Path(path)
         if not path.is_dir():
             raise BundleError(f"bundle directory {path} does not exist")
@@ -213,9 +311,11 @@ class Bundle:
         if not mf.exists():
             raise BundleError(f"{mf} is missing: {path} is not a coinfer bundle")
         try:
-            manifest = json.loads(mf.read_text())
-        except json.JSONDecodeError as exc:
+            manifest = json.loads(read_regular_file(mf, MAX_MANIFEST_BYTES))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BundleError(f"{mf} is not valid JSON: {exc}") from None
+        if not isinstance(manifest, dict):
+            raise BundleError(f"{mf} must hold a JSON object, got {type(manifest).__name__}")
         for key in ("format_version", "architecture", "code", "input_shape", "files"):
             if key not in manifest:
                 raise BundleError(f"{mf} lacks the field {key!r}")
@@ -226,52 +326,121 @@ class Bundle:
         return manifest
 
     @classmethod
-    def verify(cls, path: str | Path) -> dict[str, bool]:
-        """sha256 check of every tensor file: ``{filename: ok}``; missing files are False."""
-        path = Path(path)
-        manifest = cls.read_manifest(path)
-        return {
-            name: (path / name).exists() and sha256_file(path / name) == digest
-            for name, digest in manifest["files"].items()
-        }
+    def check_manifest(
+        cls, manifest: Mapping[str, Any], where: str | Path = MANIFEST, max_condition: float | None = None
+    ) -> tuple[dict[str, Any], Code]:
+        """Validate a manifest before any work: the code (integer k, r within
+        their caps, W of shape (r, k), finite, a mixture, condition numbers
+        within ``max_condition`` — see :meth:`Code.from_dict`), the architecture
+        spec's form, the input shape, class names, parity structures and the
+        file list, which must be exactly ``data_0..data_{k-1}`` and
+        ``coded_0..coded_{r-1}`` (bare names, no paths) with hex sha256 values.
+        Imports and builds nothing. Returns ``(architecture spec, code)``."""
+        try:
+            code = Code.from_dict(manifest["code"], max_condition=max_condition)
+        except (CodeError, KeyError, TypeError) as exc:
+            raise BundleError(f"{where}: invalid code: {exc}") from None
+        try:
+            arch = normalize_spec(manifest["architecture"])
+        except CoinferError as exc:
+            raise BundleError(f"{where}: {exc}") from None
+        shape = manifest["input_shape"]
+        if (
+            not isinstance(shape, list)
+            or not 1 <= len(shape) <= MAX_INPUT_DIMS
+            or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= MAX_INPUT_SIZE for d in shape
+            )
+        ):
+            raise BundleError(
+                f"{where}: input_shape must be a list of 1..{MAX_INPUT_DIMS} integers in "
+                f"1..{MAX_INPUT_SIZE}, got {shape!r}"
+            )
+        if not isinstance(manifest.get("encoder") or {}, dict):
+            raise BundleError(f"{where}: encoder must be an object or null")
+        names = manifest.get("class_names")
+        if names is not None and (not isinstance(names, list) or not all(isinstance(c, str) for c in names)):
+            raise BundleError(f"{where}: class_names must be a list of strings or null")
+        files = manifest["files"]
+        expected = [cls.filename(i, code.k) for i in range(code.n)]
+        if not isinstance(files, dict) or sorted(files) != sorted(expected):
+            listed = sorted(files) if isinstance(files, dict) else files
+            raise BundleError(
+                f"{where} lists files {listed!r} but a (k={code.k}, r={code.r}) bundle needs exactly "
+                f"{expected} (names inside the bundle directory, no paths)"
+            )
+        bad = [
+            name
+            for name in expected
+            if not isinstance(files[name], str) or not _SHA256.fullmatch(files[name])
+        ]
+        if bad:
+            raise BundleError(f"{where}: the sha256 of {bad} must be 64 lowercase hex digits")
+        for i in range(code.k, code.n):
+            cls.parity_structure(manifest, i, code)
+        return arch, code
 
     @classmethod
-    def load(cls, path: str | Path, architecture: str | Mapping | None = None) -> Bundle:
-        """Load a bundle, verifying every hash and the architecture.
+    def verify(cls, path: str | Path, max_condition: float | None = None) -> dict[str, bool]:
+        """sha256 check of every tensor file named by the (validated) manifest:
+        ``{filename: ok}``; missing files and non-regular files are False."""
+        path = Path(path)
+        manifest = cls.read_manifest(path)
+        cls.check_manifest(manifest, path / MANIFEST, max_condition)
+        return cls.check_files(path, manifest)
+
+    @staticmethod
+    def check_files(path: str | Path, manifest: Mapping[str, Any]) -> dict[str, bool]:
+        """sha256 check of the files of a manifest that :meth:`check_manifest`
+        accepted: ``{filename: ok}``; missing and non-regular files are False."""
+        path = Path(path)
+        out = {}
+        for name, digest in manifest["files"].items():
+            try:
+                out[name] = sha256_file(path / name) == digest
+            except BundleError:
+                out[name] = False
+        return out
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        architecture: str | Mapping | None = None,
+        *,
+        trust_code: bool = False,
+        max_condition: float | None = None,
+    ) -> Bundle:
+        """Load a bundle, validating its manifest and verifying every hash and the architecture.
 
         Args:
             path: the bundle directory.
             architecture: if given, the bundle must have been built for it.
+            trust_code: allow an architecture that is code
+                (``package.module:factory``): loading imports that module and
+                calls the factory with the manifest's kwargs. Without it such a
+                bundle raises :class:`~coinfer.errors.UntrustedCodeError` before
+                anything is imported. Registered architectures need no opt-in.
+            max_condition: the largest decoding condition number accepted
+                (default 1e6); the manifest's recorded value can only lower it.
         """
         path = Path(path)
         manifest = cls.read_manifest(path)
-        try:
-            code = Code.from_dict(manifest["code"])
-        except (CodeError, KeyError, TypeError) as exc:
-            raise BundleError(f"{path / MANIFEST}: invalid code: {exc}") from None
-        arch = normalize_spec(manifest["architecture"])
+        arch, code = cls.check_manifest(manifest, path / MANIFEST, max_condition)
+        check_trusted(arch, trust_code, source=f"bundle {path}")
         if architecture is not None and normalize_spec(architecture) != arch:
             raise BundleError(
                 f"bundle {path} was built for architecture {arch}, not {normalize_spec(architecture)}"
             )
         expected = [cls.filename(i, code.k) for i in range(code.n)]
-        listed = set(manifest["files"])
-        if set(expected) != listed:
-            raise BundleError(
-                f"{path / MANIFEST} lists files {sorted(listed)} but a (k={code.k}, r={code.r}) bundle needs {expected}"
-            )
-        for name in expected:
-            f = path / name
-            if not f.exists():
-                raise BundleError(f"bundle file {f} is missing")
-            digest = sha256_file(f)
-            if digest != manifest["files"][name]:
-                raise BundleError(
-                    f"bundle file {f} is corrupted: sha256 {digest[:12]}… does not match the manifest's "
-                    f"{manifest['files'][name][:12]}…"
-                )
         models = [
-            load_model(arch, path / name, cls.parity_structure(manifest, i))
+            load_model(
+                arch,
+                path / name,
+                cls.parity_structure(manifest, i, code),
+                trust_code=trust_code,
+                sha256=manifest["files"][name],
+            )
             for i, name in enumerate(expected)
         ]
         return cls(
@@ -291,6 +460,75 @@ class Bundle:
         idx = range(self.n) if indices is None else indices
         with torch.no_grad():
             return {i: torch.softmax(self.model(i)(x), dim=-1) for i in idx}
+
+
+def _check_size(spec: dict[str, Any], file_bytes: int, path: str | Path) -> None:
+    """Refuse a registered architecture whose kwargs describe a model far larger
+    than its weights file (``hidden: [10**9]`` would exhaust memory before the
+    weights are found not to match): the model is first built on the ``meta``
+    device, which allocates nothing. A user's own (trusted) factory is not
+    called twice, so it is not checked here."""
+    if not is_registered(spec):
+        return
+    try:
+        with torch.device("meta"):
+            sd = build_model(spec).state_dict()
+    except CoinferError:
+        raise
+    except Exception as exc:
+        raise BundleError(
+            f"{path}: architecture {spec['name']!r} cannot be built from {spec['kwargs']}: {exc}"
+        ) from None
+    need = sum(t.numel() * t.element_size() for t in sd.values())
+    if need > 2 * file_bytes + (1 << 20):
+        raise BundleError(
+            f"{path}: architecture {spec['name']!r} with kwargs {spec['kwargs']} needs {need} bytes of "
+            f"weights but the file holds {file_bytes}; refusing to build it"
+        )
+
+
+def check_save_target(path: Path, overwrite: bool) -> None:
+    """Refuse to save over ``path`` unless it is absent, an empty directory, or
+    (with ``overwrite``) an existing bundle."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise BundleError(f"{path} exists and is not a directory; refusing to write a bundle there")
+    if not path.exists() or not any(path.iterdir()):
+        return
+    if not overwrite:
+        raise BundleError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+    if not (path / MANIFEST).is_file():
+        raise BundleError(f"{path} exists, is not empty and is not a bundle; refusing to replace it")
+
+
+def _install(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Rename the complete bundle ``tmp`` to ``path``; an old bundle there is
+    moved aside first and deleted only once the new one is in place."""
+    check_save_target(path, overwrite)
+    if path.exists() and not any(path.iterdir()):
+        path.rmdir()
+    if not path.exists():
+        try:
+            tmp.rename(path)
+        except OSError as exc:
+            raise BundleError(f"cannot move the new bundle into {path}: {exc}") from None
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    old.rmdir()
+    path.rename(old)
+    try:
+        tmp.rename(path)
+    except OSError as exc:
+        old.rename(path)
+        raise BundleError(f"cannot move the new bundle into {path}: {exc}") from None
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _structure(model: nn.Module) -> dict[str, Any] | None:

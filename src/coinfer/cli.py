@@ -5,6 +5,7 @@ Errors on bad input print one line and exit 1; ``--debug`` shows the traceback.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from coinfer.cli_help import MAX_CONDITION_HELP, TRUST_CODE_HELP
 from coinfer.errors import CoinferError
 
 app = typer.Typer(
@@ -27,6 +29,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+#: ``inspect`` shows the condition numbers of at most this many erasure patterns.
+INSPECT_PATTERNS = 32
 
 
 @app.callback()
@@ -115,11 +119,22 @@ def encode(
         list[str] | None,
         typer.Option(help="Extra encoder option key=value (JSON value); repeatable."),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing bundle at --out (otherwise refused).")
+    ] = False,
+    max_condition: Annotated[
+        float | None,
+        typer.Option(help="Largest decoding condition number of the code (default 1e6, at most 1e12)."),
+    ] = None,
 ) -> None:
-    """Encode k model checkpoints into a bundle with r coded models."""
-    from coinfer.bundle import Bundle, load_model
-    from coinfer.code import Code
+    """Encode k model checkpoints into a bundle with r coded models.
+
+    --arch is code you name yourself: a package.module:factory is imported and called."""
+    from coinfer.bundle import Bundle, check_save_target, load_model
+    from coinfer.code import DEFAULT_MAX_CONDITION, Code
     from coinfer.encoders import encode as _encode
+
+    check_save_target(out, overwrite)  # before any work
 
     try:
         kwargs = json.loads(arch_kwargs)
@@ -129,14 +144,15 @@ def encode(
     for p in model:
         if not p.exists():
             raise CoinferError(f"model checkpoint {p} does not exist")
-    models = [load_model(spec, p) for p in model]
+    # the architecture is the one the user typed, not one read from a file: trusted
+    models = [load_model(spec, p, trust_code=True) for p in model]
     x = torch.from_numpy(np.asarray(load_array(calibration, key), dtype=np.float32))
     calib: object = x
     if labels_key:
         y = torch.from_numpy(np.asarray(load_array(calibration, labels_key), dtype=np.int64))
         calib = (x, y)
     w = json.loads(weights) if weights else None
-    code = Code(len(models), r, w)
+    code = Code(len(models), r, w, max_condition=max_condition or DEFAULT_MAX_CONDITION)
     opts = _parse_options(option or [])
     if method in ("coin", "heads"):
         opts = {
@@ -152,7 +168,7 @@ def encode(
     coded = _encode(models, code, calib, method=method, **opts)
     names = class_names.split(",") if class_names else None
     bundle = Bundle(spec, code, models, list(coded), tuple(x.shape[1:]), names, coded.info)
-    path = bundle.save(out, overwrite=True)
+    path = bundle.save(out, overwrite=overwrite)
     console.print(
         f"wrote bundle [bold]{path}[/] (k={code.k}, r={code.r}, method={method}, {coded.info['seconds']:.2f}s)"
     )
@@ -168,23 +184,28 @@ def encode(
 
 
 @app.command()
-def inspect(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -> None:
-    """Show a bundle's manifest, code, condition numbers and hash checks."""
+def inspect(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    max_condition: Annotated[float | None, typer.Option(help=MAX_CONDITION_HELP)] = None,
+) -> None:
+    """Show a bundle's manifest, code, condition numbers and hash checks (builds no model, runs no code)."""
+    from coinfer.architectures import is_registered
     from coinfer.bundle import Bundle
-    from coinfer.code import Code
 
     manifest = Bundle.read_manifest(bundle)
-    code = Code.from_dict(manifest["code"])
+    arch, code = Bundle.check_manifest(manifest, bundle / "manifest.json", max_condition)
     console.print(f"[bold]{bundle}[/]  format v{manifest['format_version']}")
-    console.print(f"architecture: {manifest['architecture']}")
+    trust = "registered" if is_registered(arch) else "code: loading it needs --trust-code"
+    console.print(f"architecture: {arch}  ({trust})")
     console.print(f"input shape: {manifest['input_shape']}   classes: {manifest.get('class_names')}")
     enc = manifest.get("encoder") or {}
     console.print(f"encoder: {enc.get('method')}  options: {enc.get('options')}")
-    if "fisher_totals" in enc:
-        console.print("Fisher totals: " + ", ".join(f"{t:.4g}" for t in enc["fisher_totals"]))
+    totals = enc.get("fisher_totals")
+    if isinstance(totals, list) and all(isinstance(t, int | float) for t in totals):
+        console.print("Fisher totals: " + ", ".join(f"{t:.4g}" for t in totals))
     console.print(f"code: k={code.k} r={code.r} n={code.n}  W={np.round(code.weights, 4).tolist()}")
     for j in range(code.r):
-        st = Bundle.parity_structure(manifest, code.k + j)
+        st = Bundle.parity_structure(manifest, code.k + j, code)
         if st is None:
             console.print(f"parity {j}: the architecture itself (parity cost 1.0)")
         else:
@@ -195,11 +216,19 @@ def inspect(bundle: Annotated[Path, typer.Argument(help="Bundle directory.")]) -
                 f"heads of models {st['members']}, weights {np.round(st['weights'], 4).tolist()}, "
                 f"parity cost {cost_s} (as recorded by the encoder)"
             )
+    sampled = "all" if code.patterns_checked == code.patterns_total else "a seeded sample"
+    console.print(
+        f"decoding matrices checked: {code.patterns_checked} of {code.patterns_total} ({sampled}), "
+        f"worst condition number {code.worst_condition:.3g} <= max_condition {code.max_condition:.3g}"
+    )
+    total = code.count_erasure_patterns()
     t = Table("erased workers", "condition number")
-    for pat in code.erasure_patterns():
+    for pat in itertools.islice(code.iter_erasure_patterns(), INSPECT_PATTERNS):
         t.add_row(str(list(pat)), f"{code.condition_number(pat):.3g}")
     console.print(t)
-    checks = Bundle.verify(bundle)
+    if total > INSPECT_PATTERNS:
+        console.print(f"showing the first {INSPECT_PATTERNS} of {total} erasure patterns")
+    checks = Bundle.check_files(bundle, manifest)
     h = Table("file", "sha256", "ok")
     for name, ok in checks.items():
         h.add_row(name, manifest["files"][name][:16] + "…", "[green]ok[/]" if ok else "[red]MISMATCH[/]")
@@ -225,11 +254,13 @@ def predict(
         bool, typer.Option(help="Project decoded outputs onto the probability simplex.")
     ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON with full probabilities.")] = False,
+    trust_code: Annotated[bool, typer.Option("--trust-code", help=TRUST_CODE_HELP)] = False,
+    max_condition: Annotated[float | None, typer.Option(help=MAX_CONDITION_HELP)] = None,
 ) -> None:
     """Run every model of a bundle, decoding the outputs of missing workers."""
     from coinfer.bundle import Bundle
 
-    b = Bundle.load(bundle)
+    b = Bundle.load(bundle, trust_code=trust_code, max_condition=max_condition)
     x = np.asarray(load_array(input, key))
     if tuple(x.shape) == b.input_shape:
         x = x[None]

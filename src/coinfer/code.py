@@ -5,23 +5,54 @@ Rows ``0..k-1`` of the generator are the data models, rows ``k..n-1`` the coded
 parity is a *mixture* of the data models' outputs — a valid KL-barycenter target.
 Every set of ``k`` rows of the generator is invertible, so any ``<= r`` erasures
 decode.
+
+Validation is bounded work (the parameters may come from a bundle manifest):
+``k <= MAX_K`` and ``r <= MAX_R``; ``W`` is checked for shape, finiteness, sign,
+row sums and the condition number of every ``k``-row decoding matrix up to
+:data:`MAX_PATTERNS_CHECKED` of them (beyond that a seeded sample: every
+single-erasure matrix plus random ones), and :meth:`Code.decoding_matrix`
+refuses an ill-conditioned matrix the first time it is used, so a pattern that
+the sample missed never decodes garbage either.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from numbers import Real
 
 import numpy as np
 import torch
 
 from coinfer.errors import CodeError, DecodeError
 
-__all__ = ["Code", "project_simplex"]
+__all__ = [
+    "Code",
+    "project_simplex",
+    "MAX_K",
+    "MAX_R",
+    "DEFAULT_MAX_CONDITION",
+    "MAX_CONDITION_CEILING",
+    "MAX_PATTERNS_CHECKED",
+    "MAX_PATTERNS_LISTED",
+]
 
 _ROW_SUM_TOL = 1e-6
-_SINGULAR_COND = 1e12
-_MAX_SUBSETS_CHECKED = 200_000
+#: Largest number of data models of a code (each one is a served model).
+MAX_K = 32
+#: Largest number of coded models of a code.
+MAX_R = 8
+#: Default limit on the condition number of any decoding matrix: decoding
+#: multiplies the coded models' error by up to this factor, and float32 outputs
+#: carry ~1e-7 relative error, so 1e6 already allows ~10% error in a decoded output.
+DEFAULT_MAX_CONDITION = 1e6
+#: No code, whoever builds it, may allow more than this (numerically singular).
+MAX_CONDITION_CEILING = 1e12
+#: At most this many ``k``-row decoding matrices are checked when a code is built.
+MAX_PATTERNS_CHECKED = 2048
+#: :meth:`Code.erasure_patterns` refuses to build a list longer than this.
+MAX_PATTERNS_LISTED = 100_000
 #: ``decode`` computes in NumPy when the batch holds at most this many entries
 #: (batch x C): a serving request is (1..few, C) and a dozen small torch ops
 #: cost more in dispatch than in arithmetic (see docs/performance.md).
@@ -89,20 +120,32 @@ class Code:
             non-negative and sum to 1, and every set of ``k`` generator rows must
             be invertible. Defaults to uniform weights for ``r = 1`` and a
             row-normalised positive Cauchy matrix for ``r >= 2``.
+        max_condition: largest allowed condition number of a decoding matrix
+            (default :data:`DEFAULT_MAX_CONDITION`, at most
+            :data:`MAX_CONDITION_CEILING`); recorded in :meth:`to_dict`.
 
-    Indices ``0..k-1`` name the data models and ``k..n-1`` the coded models.
+    ``k`` and ``r`` are integers (not bool) with ``1 <= k <= MAX_K`` and
+    ``1 <= r <= MAX_R``. Indices ``0..k-1`` name the data models and
+    ``k..n-1`` the coded models. After construction ``patterns_checked`` and
+    ``patterns_total`` say how many decoding matrices were checked, of how many,
+    and ``worst_condition`` the largest condition number among them.
     """
 
-    def __init__(self, k: int, r: int, weights: Sequence[Sequence[float]] | np.ndarray | None = None):
-        if not isinstance(k, int | np.integer) or k < 1:
-            raise CodeError(f"k must be a positive integer, got {k!r}")
-        if not isinstance(r, int | np.integer) or r < 1:
-            raise CodeError(f"r must be a positive integer, got {r!r}")
-        self.k, self.r = int(k), int(r)
+    def __init__(
+        self,
+        k: int,
+        r: int,
+        weights: Sequence[Sequence[float]] | np.ndarray | None = None,
+        max_condition: float = DEFAULT_MAX_CONDITION,
+    ):
+        self.k = _check_count(k, "k", MAX_K)
+        self.r = _check_count(r, "r", MAX_R)
+        self.max_condition = _check_max_condition(max_condition)
         if weights is None:
             w = np.full((1, self.k), 1.0 / self.k) if self.r == 1 else _cauchy_weights(self.k, self.r)
         else:
             w = self._validate_weights(weights)
+        self._check_conditioning(w, default=weights is None)
         self._weights = w
         self._weights.setflags(write=False)
         self._generator = np.vstack([np.eye(self.k), w])
@@ -112,12 +155,18 @@ class Code:
 
     # ------------------------------------------------------------------ validation
     def _validate_weights(self, weights) -> np.ndarray:
+        if not isinstance(weights, np.ndarray):
+            _check_numbers(weights)
+        elif weights.dtype.kind not in "fiu":
+            raise CodeError(f"weights must be a numeric (r, k) matrix, got dtype {weights.dtype}")
+        if np.shape(weights) != (self.r, self.k):
+            raise CodeError(
+                f"weights must have shape (r, k) = ({self.r}, {self.k}), got {tuple(np.shape(weights))}"
+            )
         try:
             w = np.array(weights, dtype=np.float64)
         except (TypeError, ValueError) as exc:
             raise CodeError(f"weights must be a numeric (r, k) matrix: {exc}") from None
-        if w.ndim != 2 or w.shape != (self.r, self.k):
-            raise CodeError(f"weights must have shape (r, k) = ({self.r}, {self.k}), got {tuple(w.shape)}")
         if not np.all(np.isfinite(w)):
             raise CodeError("weights contain NaN or infinite entries")
         neg = np.argwhere(w < 0)
@@ -129,21 +178,57 @@ class Code:
         if len(bad):
             i = bad[0]
             raise CodeError(f"each parity row must sum to 1, row {i} sums to {sums[i]:.6g}")
-        g = np.vstack([np.eye(self.k), w])
-        n = self.k + self.r
-        checked = 0
-        for rows in itertools.combinations(range(n), self.k):
-            checked += 1
-            if checked > _MAX_SUBSETS_CHECKED:
-                break
-            cond = np.linalg.cond(g[list(rows)])
-            if not np.isfinite(cond) or cond > _SINGULAR_COND:
-                erased = sorted(set(range(n)) - set(rows))
-                raise CodeError(
-                    f"weights do not give an MDS code: with workers {erased} erased the "
-                    f"remaining rows {list(rows)} are singular (condition number {cond:.3g})"
-                )
         return w
+
+    def _row_sets(self) -> Iterator[tuple[int, ...]]:
+        """The ``k``-row sets that decode some erasure pattern (every ``k``-subset
+        of the ``n`` rows but the data rows themselves): all of them when there
+        are at most :data:`MAX_PATTERNS_CHECKED`, else every single-erasure set
+        and then a seeded random sample, :data:`MAX_PATTERNS_CHECKED` in all."""
+        k, n = self.k, self.n
+        if math.comb(n, k) - 1 <= MAX_PATTERNS_CHECKED:
+            yield from itertools.islice(itertools.combinations(range(n), k), 1, None)
+            return
+        seen: set[tuple[int, ...]] = set()
+        for j in range(k):
+            for p in range(k, n):
+                rows = tuple(sorted([i for i in range(k) if i != j] + [p]))
+                seen.add(rows)
+                yield rows
+        rng = np.random.default_rng(1000 * k + self.r)
+        tries = 0
+        while len(seen) < MAX_PATTERNS_CHECKED and tries < 4 * MAX_PATTERNS_CHECKED:
+            tries += 1
+            rows = tuple(sorted(int(i) for i in rng.choice(n, size=k, replace=False)))
+            if rows not in seen and rows != tuple(range(k)):
+                seen.add(rows)
+                yield rows
+
+    def _check_conditioning(self, w: np.ndarray, default: bool) -> None:
+        g = np.vstack([np.eye(self.k), w])
+        sets = list(self._row_sets())
+        self.patterns_total = math.comb(self.n, self.k) - 1
+        self.patterns_checked = len(sets)
+        self.worst_condition = 1.0
+        for start in range(0, len(sets), 256):
+            chunk = sets[start : start + 256]
+            with np.errstate(all="ignore"):
+                conds = np.linalg.cond(g[np.array(chunk)])
+            conds = np.where(np.isfinite(conds), conds, np.inf)
+            self.worst_condition = max(self.worst_condition, float(conds.max()))
+            bad = np.flatnonzero(conds > self.max_condition)
+            if len(bad):
+                rows = chunk[int(bad[0])]
+                erased = sorted(set(range(self.n)) - set(rows))
+                what = f"the default weights of (k={self.k}, r={self.r})" if default else "the weights"
+                c = conds[bad[0]]
+                state = "are singular" if not np.isfinite(c) or c > MAX_CONDITION_CEILING else "decode badly"
+                raise CodeError(
+                    f"{what} {state}: with workers {erased} erased the remaining rows "
+                    f"{list(rows)} have condition number {c:.3g} > max_condition "
+                    f"{self.max_condition:.3g} (decoding would multiply the coded models' error by up "
+                    "to that factor); use better-conditioned weights or raise max_condition"
+                )
 
     # ------------------------------------------------------------------ properties
     @property
@@ -209,11 +294,23 @@ class Code:
         return tuple(sorted(data + parity[: self.k - len(data)]))
 
     def decoding_matrix(self, rows: Sequence[int]) -> torch.Tensor:
-        """``(k, k)`` float64 matrix ``D`` with ``data = D @ outputs[rows]``."""
+        """``(k, k)`` float64 matrix ``D`` with ``data = D @ outputs[rows]``.
+
+        Raises:
+            DecodeError: the rows' condition number exceeds ``max_condition``
+                (checked once per row set, then cached)."""
         key = tuple(rows)
         inv = self._inverse_cache.get(key)
         if inv is None:
-            inv = torch.from_numpy(np.linalg.inv(self._generator[list(key)]))
+            m = self._generator[list(key)]
+            with np.errstate(all="ignore"):
+                cond = float(np.linalg.cond(m))
+            if not cond <= self.max_condition:
+                raise DecodeError(
+                    f"cannot decode from workers {list(key)}: their rows have condition number "
+                    f"{cond:.3g} > max_condition {self.max_condition:.3g}"
+                )
+            inv = torch.from_numpy(np.linalg.inv(m))
             self._inverse_cache[key] = inv
         return inv
 
@@ -223,16 +320,34 @@ class Code:
         rows = self.choose_rows([i for i in range(self.n) if i not in erased])
         return float(np.linalg.cond(self._generator[list(rows)]))
 
-    def erasure_patterns(self, max_erasures: int | None = None) -> list[tuple[int, ...]]:
-        """Every decodable erasure pattern that erases at least one data model,
-        of size ``1..min(r, max_erasures)``, as sorted tuples of worker indices."""
+    def iter_erasure_patterns(self, max_erasures: int | None = None) -> Iterator[tuple[int, ...]]:
+        """Lazily, every decodable erasure pattern that erases at least one data
+        model, of size ``1..min(r, max_erasures)``, as sorted tuples of worker indices."""
         m = self.r if max_erasures is None else min(self.r, max_erasures)
-        pats = []
         for size in range(1, m + 1):
             for pat in itertools.combinations(range(self.n), size):
-                if any(i < self.k for i in pat):
-                    pats.append(pat)
-        return pats
+                if pat[0] < self.k:
+                    yield pat
+
+    def count_erasure_patterns(self, max_erasures: int | None = None) -> int:
+        """How many patterns :meth:`iter_erasure_patterns` yields (computed, not enumerated)."""
+        m = self.r if max_erasures is None else min(self.r, max_erasures)
+        return sum(math.comb(self.n, s) - math.comb(self.r, s) for s in range(1, m + 1))
+
+    def erasure_patterns(self, max_erasures: int | None = None) -> list[tuple[int, ...]]:
+        """Every decodable erasure pattern that erases at least one data model,
+        of size ``1..min(r, max_erasures)``, as sorted tuples of worker indices.
+
+        Raises:
+            CodeError: more than :data:`MAX_PATTERNS_LISTED` patterns (use
+                :meth:`iter_erasure_patterns` or a smaller ``max_erasures``)."""
+        count = self.count_erasure_patterns(max_erasures)
+        if count > MAX_PATTERNS_LISTED:
+            raise CodeError(
+                f"a (k={self.k}, r={self.r}) code has {count} erasure patterns, more than the "
+                f"{MAX_PATTERNS_LISTED} listed at once; pass a smaller max_erasures or iterate"
+            )
+        return list(self.iter_erasure_patterns(max_erasures))
 
     def encode_outputs(self, data_outputs: torch.Tensor) -> torch.Tensor:
         """Apply the generator to ``(k, ...)`` data outputs, giving ``(n, ...)``.
@@ -328,12 +443,66 @@ class Code:
 
     def to_dict(self) -> dict:
         """JSON-serialisable description (used in bundle manifests)."""
-        return {"k": self.k, "r": self.r, "weights": self._weights.tolist()}
+        return {
+            "k": self.k,
+            "r": self.r,
+            "weights": self._weights.tolist(),
+            "max_condition": self.max_condition,
+        }
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> Code:
-        """Inverse of :meth:`to_dict`."""
-        return cls(int(d["k"]), int(d["r"]), d.get("weights"))
+    def from_dict(cls, d: Mapping, max_condition: float | None = None) -> Code:
+        """Inverse of :meth:`to_dict`, strict about types (the dict may come from a file).
+
+        The condition limit is the smaller of the recorded ``max_condition`` and
+        the caller's ``max_condition`` (default :data:`DEFAULT_MAX_CONDITION`):
+        a recorded value can tighten the check but never loosen it; only the
+        caller can raise it (up to :data:`MAX_CONDITION_CEILING`)."""
+        if not isinstance(d, Mapping):
+            raise CodeError(f"a code must be an object with k, r and weights, got {type(d).__name__}")
+        for key in ("k", "r"):
+            if key not in d:
+                raise CodeError(f"the code lacks the field {key!r}")
+        limit = _check_max_condition(DEFAULT_MAX_CONDITION if max_condition is None else max_condition)
+        recorded = d.get("max_condition")
+        if recorded is not None:
+            limit = min(limit, _check_max_condition(recorded, "recorded max_condition"))
+        weights = d.get("weights")
+        if weights is not None and not isinstance(weights, list | tuple | np.ndarray):
+            raise CodeError(f"weights must be an (r, k) list of lists, got {type(weights).__name__}")
+        return cls(d["k"], d["r"], weights, max_condition=limit)
+
+
+def _check_count(v: object, name: str, cap: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int | np.integer):
+        raise CodeError(f"{name} must be an integer, got {v!r} ({type(v).__name__})")
+    if not 1 <= int(v) <= cap:
+        raise CodeError(f"{name} must be in 1..{cap}, got {int(v)}")
+    return int(v)
+
+
+def _check_max_condition(v: object, name: str = "max_condition") -> float:
+    if isinstance(v, bool) or not isinstance(v, Real):
+        raise CodeError(f"{name} must be a number, got {v!r}")
+    f = float(v)
+    if not 1.0 <= f <= MAX_CONDITION_CEILING:
+        raise CodeError(f"{name} must be in 1..{MAX_CONDITION_CEILING:g}, got {v!r}")
+    return f
+
+
+def _check_numbers(weights: object) -> None:
+    """``weights`` given as nested sequences hold only real numbers (not bool,
+    not strings), in at most two levels; raises CodeError naming the first bad entry."""
+    if not isinstance(weights, Sequence) or isinstance(weights, str | bytes):
+        raise CodeError(f"weights must be a numeric (r, k) list of lists, got {type(weights).__name__}")
+    for i, row in enumerate(weights):
+        if isinstance(row, np.ndarray) and row.dtype.kind in "fiu" and row.ndim == 1:
+            continue
+        if not isinstance(row, Sequence) or isinstance(row, str | bytes):
+            raise CodeError(f"weights row {i} must be a list of numbers, got {row!r}")
+        for j, v in enumerate(row):
+            if isinstance(v, bool) or not isinstance(v, Real):
+                raise CodeError(f"weights[{i}][{j}] must be a number, got {v!r}")
 
 
 def _nonfinite(workers: list[int]) -> DecodeError:

@@ -519,7 +519,7 @@ def _distill(models, code: Code, x, y, opts: DistillOptions):
         elif opts.init == "average":
             student = weighted_average(models, row)
         elif opts.init == "coin":
-            single = Code(code.k, 1, [row])
+            single = Code(code.k, 1, [row], max_condition=code.max_condition)
             res = encode(models, single, (x, y) if y is not None else x, method="coin", **opts.coin)
             student = res[0]
             info_extra = res.info

@@ -13,6 +13,7 @@ __all__ = [
     "DataError",
     "OptionError",
     "SplitError",
+    "UntrustedCodeError",
 ]
 
 
@@ -54,3 +55,8 @@ class OptionError(CoinferError):
 
 class SplitError(CoinferError):
     """A model that cannot be split into trunk and head at the requested point."""
+
+
+class UntrustedCodeError(BundleError, ArchitectureError):
+    """A bundle whose architecture is code (``package.module:factory``) loaded
+    without the ``trust_code`` opt-in; raised before anything is imported."""

@@ -269,7 +269,12 @@ def build_admin_app(runtime: Runtime) -> FastAPI:
     @app.post("/admin/restart")
     async def restart(req: WorkerRequest) -> dict[str, Any]:
         """Wait for Serve to replace a killed worker, then use it again."""
-        return await runtime.restart(req.worker)
+        from coinfer.serving.runtime import WorkerRefused
+
+        try:
+            return await runtime.restart(req.worker)
+        except WorkerRefused as exc:  # kept down, with the reason, in /admin/state
+            return _error(409, "worker_refused", str(exc), worker=exc.worker, down=exc.reason)
 
     @app.post("/admin/config")
     async def config(req: ConfigRequest) -> dict[str, Any]:

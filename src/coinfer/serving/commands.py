@@ -10,6 +10,7 @@ import numpy as np
 import typer
 from rich.console import Console
 
+from coinfer.cli_help import MAX_CONDITION_HELP, TRUST_CODE_HELP
 from coinfer.errors import CoinferError
 
 __all__ = ["register"]
@@ -62,6 +63,8 @@ def serve(
     seed: Annotated[int, typer.Option(help="Seed of the injected delays.")] = 0,
     max_request_batch: Annotated[int, typer.Option(help="Largest batch accepted in one request.")] = 1024,
     max_body_bytes: Annotated[int, typer.Option(help="Largest accepted request body.")] = 8 * 1024 * 1024,
+    trust_code: Annotated[bool, typer.Option("--trust-code", help=TRUST_CODE_HELP)] = False,
+    max_condition: Annotated[float | None, typer.Option(help=MAX_CONDITION_HELP)] = None,
 ) -> None:
     """Serve a bundle over HTTP on Ray: every request goes to all workers, the first decodable set answers."""
     from coinfer.serving.injection import Injection, parse_delay
@@ -85,6 +88,8 @@ def serve(
         seed=seed,
         max_batch=max_request_batch,
         max_body_bytes=max_body_bytes,
+        trust_code=trust_code,
+        max_condition=max_condition,
     )
     manifest_n = None
     sockets = bind_sockets(host, port, admin_port)  # a port in use fails here, before Ray starts
@@ -219,7 +224,8 @@ def _admin_app() -> typer.Typer:
         worker: Annotated[int, typer.Argument(help="Worker index.")],
         url: Annotated[str, _URL_OPT] = "http://127.0.0.1:8001",
     ) -> None:
-        """Bring a killed worker back once Serve has replaced it."""
+        """Bring a killed worker back once Serve has replaced it; a replica that refuses
+        to start (its model file changed since the server verified it) is reported and kept down."""
         print(json.dumps(client(url).restart(worker)))
 
     @admin.command("mode")

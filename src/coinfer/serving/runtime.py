@@ -11,6 +11,13 @@ Workers ``0..n-1`` serve the bundle's rows (data models, then coded models);
 with ``baselines=True`` workers ``n..n+r-1`` are second replicas of data models
 ``0..r-1``, used by the ``replicated`` and ``hedged`` modes so that every mode
 runs on the same runtime with the same resources.
+
+:meth:`Runtime.start` validates the manifest and verifies every file's sha256
+once; each worker is then *pinned* to that verification (it gets the sha256 of
+its file, the architecture and its parity structure, and refuses a file that
+differs). :meth:`Runtime.restart` notices a refused replica from Serve's
+deployment status, takes the worker's application down and marks the worker
+down with the reason, instead of waiting for a worker that will never answer.
 """
 
 from __future__ import annotations
@@ -26,14 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from coinfer.bundle import Bundle
-from coinfer.code import Code
+from coinfer.architectures import check_trusted
+from coinfer.bundle import MANIFEST, Bundle
 from coinfer.errors import BundleError, CoinferError
 from coinfer.serving.collector import Collection, CollectTimeout, Plan, collect
 from coinfer.serving.injection import Injection
 from coinfer.serving.metrics import Metrics
 
-__all__ = ["MODES", "ServeConfig", "Runtime", "WorkerSlot"]
+__all__ = ["MODES", "ServeConfig", "Runtime", "WorkerSlot", "WorkerRefused"]
 
 MODES = ("coded", "uncoded", "replicated", "hedged")
 log = logging.getLogger("coinfer.serving")
@@ -58,6 +65,11 @@ class ServeConfig:
         app_prefix: prefix of the Serve application names.
         max_batch: largest accepted batch per HTTP request.
         max_body_bytes: largest accepted HTTP body.
+        trust_code: allow a bundle whose architecture is code
+            (``package.module:factory``), imported and called in every worker;
+            without it such a bundle is refused before any worker starts.
+        max_condition: largest decoding condition number accepted (default
+            1e6); the manifest's recorded limit can only lower it.
     """
 
     bundle: Path
@@ -77,6 +89,8 @@ class ServeConfig:
     max_batch: int = 1024
     max_body_bytes: int = 8 * 1024 * 1024
     injections: dict[int, Injection] = field(default_factory=dict)
+    trust_code: bool = False
+    max_condition: float | None = None
 
     def __post_init__(self) -> None:
         self.bundle = Path(self.bundle)
@@ -107,7 +121,12 @@ class Runtime:
     def __init__(self, config: ServeConfig, manifest: dict[str, Any]) -> None:
         self.config = config
         self.manifest = manifest
-        self.code = Code.from_dict(manifest["code"])
+        self.architecture, self.code = Bundle.check_manifest(
+            manifest, config.bundle / MANIFEST, config.max_condition
+        )
+        #: sha256 of every file, verified once at start; workers are pinned to it
+        self.pins: dict[str, str] = dict(manifest["files"])
+        self._removed: set[int] = set()  # workers whose Serve application was deleted
         self.input_shape = tuple(int(s) for s in manifest["input_shape"])
         self.class_names: list[str] | None = manifest.get("class_names")
         self.metrics = Metrics()
@@ -135,12 +154,13 @@ class Runtime:
         import ray
         from ray import serve
 
-        checks = Bundle.verify(config.bundle)
+        manifest = Bundle.read_manifest(config.bundle)
+        rt = cls(config, manifest)  # validates the manifest
+        check_trusted(rt.architecture, config.trust_code, source=f"bundle {config.bundle}")
+        checks = Bundle.check_files(config.bundle, manifest)
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise BundleError(f"bundle {config.bundle}: files {bad} are missing or do not match their sha256")
-        manifest = Bundle.read_manifest(config.bundle)
-        rt = cls(config, manifest)
         if not ray.is_initialized():
             if config.address:
                 ray.init(address=config.address, include_dashboard=False, logging_level=logging.WARNING)
@@ -174,12 +194,17 @@ class Runtime:
             c.max_batch_size,
             c.batch_wait_ms / 1000.0,
             c.seed,
+            k=self.code.k,
+            sha256=self.pins[Bundle.filename(slot.row, self.code.k)],
+            architecture=self.architecture,
+            parity=Bundle.parity_structure(self.manifest, slot.row, self.code),
+            trust_code=c.trust_code,
         )
 
-    def _deploy(self, workers: list[int]) -> None:
+    def _targets(self, workers: list[int]) -> list[Any]:
         from ray import serve
 
-        targets = [
+        return [
             serve.RunTarget(
                 self._application(self.slots[w]),
                 name=self.slots[w].app,
@@ -188,7 +213,11 @@ class Runtime:
             )
             for w in workers
         ]
-        handles = serve.run_many(targets)
+
+    def _deploy(self, workers: list[int]) -> None:
+        from ray import serve
+
+        handles = serve.run_many(self._targets(workers))
         for w, h in zip(workers, handles, strict=True):
             self.slots[w].handle = h
         for w in workers:  # a first call per worker: fail early, warm up
@@ -323,14 +352,64 @@ class Runtime:
         self.down[w] = "killed"
         return {"worker": w, "killed_replicas": killed}
 
+    def startup_failure(self, w: int) -> str | None:
+        """Why worker ``w``'s replicas fail to start, from Serve's deployment
+        status (``serve.status()``), or None when Serve reports no such failure."""
+        from ray import serve
+
+        app = serve.status().applications.get(self.slots[w].app)
+        if app is None:
+            return None
+        for dep in app.deployments.values():
+            msg = dep.message or ""
+            status = getattr(dep.status, "value", str(dep.status))  # a str Enum: "HEALTHY", ...
+            if status != "HEALTHY" and ("failed to start" in msg or status == "DEPLOY_FAILED"):
+                return _error_line(msg)
+        return None
+
+    def _delete_app(self, w: int) -> None:
+        """Delete worker ``w``'s Serve application, so that Serve stops
+        re-running a constructor that refuses to start."""
+        from ray import serve
+
+        try:
+            serve.delete(self.slots[w].app)
+            self._removed.add(w)
+        except Exception as exc:  # keep the worker marked down regardless
+            log.warning("could not delete Serve application %s: %s", self.slots[w].app, exc)
+
     async def restart(self, w: int, timeout_s: float = 120.0) -> dict[str, Any]:
-        """Wait until worker ``w`` answers again (Serve replaces killed replicas), then use it again."""
+        """Wait until worker ``w`` answers again (Serve replaces killed replicas), then use it again.
+
+        A worker taken down by an earlier refused restart is redeployed first
+        (pinned to the sha256 verified at start, as always).
+
+        Raises:
+            WorkerRefused: the worker's new replica refused to start (e.g. its
+                model file changed on disk: "sha256 mismatch"); the worker is
+                marked down with that reason and its application deleted; the
+                other workers keep serving.
+            CoinferError: no answer within ``timeout_s``.
+        """
+        from ray import serve
+
         self.check_worker(w)
         t0 = time.perf_counter()
+        if w in self._removed:
+            handles = await asyncio.to_thread(
+                serve.run_many, self._targets([w]), wait_for_applications_running=False
+            )
+            self.slots[w].handle = handles[0]
+            self._removed.discard(w)
         last = None
         while time.perf_counter() - t0 < timeout_s:
+            reason = await asyncio.to_thread(self.startup_failure, w)
+            if reason is not None:
+                self.down[w] = f"refused to start: {reason}"
+                await asyncio.to_thread(self._delete_app, w)
+                raise WorkerRefused(f"worker {w} refused to start and stays down: {reason}", w, self.down[w])
             try:
-                info = await asyncio.wait_for(self.slots[w].handle.info.remote(), timeout=5.0)
+                info = await asyncio.wait_for(self.slots[w].handle.info.remote(), timeout=3.0)
                 self.down.pop(w, None)
                 return {"worker": w, "seconds": round(time.perf_counter() - t0, 3), **info}
             except Exception as exc:  # replica still starting
@@ -355,3 +434,24 @@ class Runtime:
                 for w, s in sorted(self.slots.items())
             ],
         }
+
+
+class WorkerRefused(CoinferError):
+    """A worker whose replica refused to start (its reason in ``reason``)."""
+
+    def __init__(self, message: str, worker: int, reason: str) -> None:
+        super().__init__(message)
+        self.worker, self.reason = worker, reason
+
+
+def _error_line(message: str) -> str:
+    """The most telling line of a Serve startup-failure message: the one naming
+    a changed file, else the last exception line of its traceback."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    for ln in lines:
+        if "sha256 mismatch" in ln:
+            return ln
+    for ln in reversed(lines):
+        if "Error" in ln or "Exception" in ln:
+            return ln
+    return lines[-1] if lines else "unknown startup failure"

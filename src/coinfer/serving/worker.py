@@ -1,10 +1,16 @@
 """A worker: one model of a bundle as a Ray Serve deployment.
 
 The model code does not know it is served: the worker loads one model file of
-a verified bundle and runs it under Serve's dynamic batching
+a bundle that the frontend verified and runs it under Serve's dynamic batching
 (``@serve.batch``), returning softmax probabilities. Injected delays and
 failures (see :mod:`coinfer.serving.injection`) are applied here, in the
 worker's process, per request.
+
+A worker is *pinned* to what the frontend verified at start: it receives the
+expected sha256 of its model file and the architecture and parity structure,
+never re-reads the manifest, and refuses (raises in its constructor) a file
+whose bytes differ — so a replica that Serve (re)starts after the bundle
+changed on disk does not serve another model's outputs.
 """
 
 from __future__ import annotations
@@ -19,8 +25,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from coinfer.bundle import Bundle, load_model, sha256_file
-from coinfer.errors import BundleError
+from coinfer.bundle import Bundle, load_model
 from coinfer.serving.injection import InjectedFailure, Injection
 
 __all__ = ["ModelWorker"]
@@ -37,6 +42,14 @@ class ModelWorker:
         num_threads: torch intra-op threads.
         max_batch_size, batch_wait_timeout_s: Serve dynamic batching settings.
         seed: seed of the injected delays and failures.
+        k: the bundle's number of data models (names the file of ``row``).
+        sha256: the sha256 of the model file that the frontend verified; the
+            worker hashes the bytes it loads and raises ``BundleError`` (words
+            "sha256 mismatch") on any difference.
+        architecture: the architecture spec the frontend verified.
+        parity: the row's parity structure the frontend verified (None: a
+            model of the architecture itself).
+        trust_code: the operator's opt-in to a ``package.module:factory`` architecture.
     """
 
     def __init__(
@@ -49,17 +62,18 @@ class ModelWorker:
         max_batch_size: int = 32,
         batch_wait_timeout_s: float = 0.002,
         seed: int = 0,
+        *,
+        k: int,
+        sha256: str,
+        architecture: dict[str, Any],
+        parity: dict[str, Any] | None = None,
+        trust_code: bool = False,
     ) -> None:
         torch.set_num_threads(max(1, num_threads))
-        path = Path(bundle_path)
-        manifest = Bundle.read_manifest(path)
-        name = Bundle.filename(row, int(manifest["code"]["k"]))
-        digest = sha256_file(path / name)
-        if digest != manifest["files"].get(name):
-            raise BundleError(f"bundle file {path / name} does not match the manifest's sha256")
+        path = Path(bundle_path) / Bundle.filename(row, k)
         self.device = torch.device(device)
-        parity = Bundle.parity_structure(manifest, row)
-        self.model = load_model(manifest["architecture"], path / name, parity).to(self.device).eval()
+        model = load_model(architecture, path, parity, trust_code=trust_code, sha256=sha256)
+        self.model = model.to(self.device).eval()
         self.row, self.worker = row, worker
         self.rng = random.Random(seed * 1_000_003 + worker)
         self._infer.set_max_batch_size(max_batch_size)
@@ -98,5 +112,6 @@ def deployment(num_cpus: float, num_gpus: float, num_replicas: int) -> serve.Dep
         max_ongoing_requests=256,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
         health_check_period_s=2.0,
+        max_constructor_retry_count=3,  # a refused file fails the first deploy fast
         graceful_shutdown_timeout_s=1.0,
     )
