@@ -62,6 +62,13 @@ def serve(
     seed: Annotated[int, typer.Option(help="Seed of the injected delays.")] = 0,
     max_request_batch: Annotated[int, typer.Option(help="Largest batch accepted in one request.")] = 1024,
     max_body_bytes: Annotated[int, typer.Option(help="Largest accepted request body.")] = 8 * 1024 * 1024,
+    max_inflight: Annotated[
+        int | None,
+        typer.Option(
+            help="Most prediction requests in flight; more get an immediate 503 'overloaded' with "
+            "Retry-After (default: 2 x max-batch-size x replicas)."
+        ),
+    ] = None,
 ) -> None:
     """Serve a bundle over HTTP on Ray: every request goes to all workers, the first decodable set answers."""
     from coinfer.serving.injection import Injection, parse_delay
@@ -85,6 +92,7 @@ def serve(
         seed=seed,
         max_batch=max_request_batch,
         max_body_bytes=max_body_bytes,
+        max_inflight=max_inflight,
     )
     manifest_n = None
     console.print(

@@ -68,6 +68,7 @@ class Metrics:
         self.worker_failures: dict[str, int] = defaultdict(int)
         self.timeouts: dict[str, int] = defaultdict(int)
         self.bad_requests: dict[str, int] = defaultdict(int)  # reason
+        self.overloaded_total = 0  # requests shed with a 503 (admission bound reached)
 
     def request(self, mode: str, status: str, seconds: float | None = None) -> None:
         with self._lock:
@@ -95,6 +96,11 @@ class Metrics:
         with self._lock:
             self.bad_requests[reason] += 1
 
+    def overloaded(self) -> None:
+        """A request refused at admission (too many in flight)."""
+        with self._lock:
+            self.overloaded_total += 1
+
     def render(self) -> str:
         """The Prometheus exposition text."""
         with self._lock:
@@ -110,6 +116,11 @@ class Metrics:
             ]
             for reason, c in sorted(self.bad_requests.items()):
                 lines.append(f'coinfer_bad_requests_total{{reason="{reason}"}} {c}')
+            lines += [
+                "# HELP coinfer_overloaded_total Requests refused with 503 because too many were in flight.",
+                "# TYPE coinfer_overloaded_total counter",
+                f"coinfer_overloaded_total {self.overloaded_total}",
+            ]
             lines += [
                 "# HELP coinfer_request_latency_seconds End-to-end frontend latency of answered requests.",
                 "# TYPE coinfer_request_latency_seconds histogram",
