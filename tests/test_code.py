@@ -133,9 +133,7 @@ def test_project_simplex_gives_the_nearest_probability_vector(values):
     # and renormalised: float32 samples lie up to ~1e-7 off the simplex and could beat the
     # true projection by that much (seen in CI).
     g = torch.Generator().manual_seed(len(values))
-    cand = -torch.log(
-        torch.rand(200, len(v), dtype=torch.float64, generator=g)
-    )  # Exp(1) = Dirichlet(1) after norm
+    cand = -torch.log(torch.rand(200, len(v), dtype=torch.float64, generator=g))  # Exp(1) = Dirichlet(1) after norm
     cand = cand / cand.sum(-1, keepdim=True)
     assert float(((p - v) ** 2).sum()) <= float(((cand - v) ** 2).sum(-1).min()) + 1e-9
 
