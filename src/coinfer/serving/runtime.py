@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -193,6 +194,8 @@ class Runtime:
         self.injections: dict[int, Injection] = dict(config.injections)
         self.down: dict[int, str] = {}
         self.health = WorkerHealth()
+        self.loop_router = True  # see _handle
+        self._loop_handles: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.slots: dict[int, WorkerSlot] = {}
         self._started_ray = False  # this runtime called ray.init
         self._local_ray = False  # ... and started a local instance (not a cluster)
@@ -309,9 +312,35 @@ class Runtime:
             return Plan(tuple(range(k)), backups=replicas, hedge_after_s=self.hedge_ms / 1000.0)
         raise CoinferError(f"mode must be one of {list(MODES)}, got {mode!r}")
 
+    def _handle(self, w: int) -> Any:
+        """Worker ``w``'s handle for the running event loop, with Serve's router in
+        this loop (``_run_router_in_separate_loop=False``) rather than in Serve's
+        router thread: a call then needs no hop to another thread and back, which
+        on a busy machine costs a thread wake-up each way. Falls back to the
+        handle made at deployment where Serve lacks that option."""
+        if not self.loop_router:
+            return self.slots[w].handle
+        loop = asyncio.get_running_loop()
+        handles = self._loop_handles.get(loop)
+        if handles is None:
+            handles = self._loop_handles[loop] = {}
+        h = handles.get(w)
+        if h is None:
+            from ray.serve.handle import DeploymentHandle
+
+            try:  # a new handle (serve.get_deployment_handle would return its cached one)
+                h = DeploymentHandle(f"worker{w}", self.slots[w].app)
+                h._init(_run_router_in_separate_loop=False)
+            except (AttributeError, TypeError, RuntimeError) as exc:
+                log.warning("no same-loop Serve router (%s); using Serve's router thread", exc)
+                self.loop_router = False
+                return self.slots[w].handle
+            handles[w] = h
+        return h
+
     async def _call(self, w: int, x: np.ndarray) -> np.ndarray:
         inj = self.injections.get(w)
-        return await self.slots[w].handle.predict.remote(x, inj.to_dict() if inj and inj.active else None)
+        return await self._handle(w).predict.remote(x, inj.to_dict() if inj and inj.active else None)
 
     def _late(self, w: int, seconds: float, exc: BaseException | None) -> None:
         self.metrics.worker(w, seconds, failed=exc is not None)
