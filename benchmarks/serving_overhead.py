@@ -14,7 +14,12 @@ On one local Ray instance, one request at a time (closed loop, batch 1):
 * ``collector only``: :func:`collect` with workers that answer at once (the
   pure-Python cost of the collection logic);
 * ``decode``: ``Code.decode`` of a (1, C = 10) batch with one data output missing,
-  with the projection onto the simplex.
+  with the projection onto the simplex;
+* ``frontend parts``: parsing a batch-1 ``npy`` body of the bundle's input shape
+  (``parse_predict_request``), and building the batch-1 reply with the
+  probabilities: as the frontend does it (plain values, one ``json.dumps``) and
+  as FastAPI's ``response_model`` path did it before (pydantic validation of
+  ``PredictResponse``, a JSON-mode dump, then ``json.dumps``).
 
 The overhead is median(coded) − median(direct), and over HTTP median(http) −
 median(direct). Writes JSON and prints a table.
@@ -104,6 +109,43 @@ async def collector_times(k: int, r: int, iters: int) -> dict[str, float]:
     }
 
 
+def frontend_parts(input_shape: tuple[int, ...], k: int, iters: int) -> dict[str, float]:
+    """Median µs of the frontend's own per-request work, outside Ray and HTTP."""
+    from fastapi.responses import JSONResponse
+
+    from coinfer.serving.app import PredictResponse, _json, predict_reply
+    from coinfer.serving.client import encode_npy
+    from coinfer.serving.collector import Collection
+    from coinfer.serving.validation import parse_predict_request
+
+    body = json.dumps({"npy": encode_npy(np.zeros((1, *input_shape), dtype=np.float32))}).encode()
+    outputs = torch.softmax(torch.randn(k, 1, 10), -1)
+    res = Collection(outputs, [True] + [False] * (k - 1), {1: 1, k: k}, {}, {}, [0], [])
+    names = [str(i) for i in range(10)]
+
+    def reply_new() -> None:
+        _json({**predict_reply(res, "coded", 1, names), "latency_ms": 1.0})
+
+    def reply_fastapi() -> None:
+        content = {**predict_reply(res, "coded", 1, names), "latency_ms": 1.0}
+        JSONResponse(PredictResponse.model_validate(content).model_dump(mode="json"))
+
+    def parse() -> None:
+        parse_predict_request(body, input_shape, 1024, 8 * 1024 * 1024)
+
+    out = {}
+    for name, f in [("parse", parse), ("reply", reply_new), ("reply via response_model", reply_fastapi)]:
+        for _ in range(100):
+            f()
+        ts = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+        out[name] = statistics.median(ts) * 1e6
+    return out
+
+
 async def served(rt, x: np.ndarray, iters: int, url: str | None) -> dict[str, dict]:
     import httpx
 
@@ -161,6 +203,7 @@ def main() -> None:
         "decode": [decode_times(k, r, 5000, small) for k, r in [(2, 1), (4, 2)] for small in (None, -1)],
         "collector": [asyncio.run(collector_times(k, r, 2000)) for k, r in [(2, 1), (4, 2)]],
     }
+    out["frontend_parts_us"] = frontend_parts((1, 28, 28), 2, 2000)
     if args.no_serve:
         _print_parts(out)
         _write(args.out, out)
@@ -203,6 +246,8 @@ def _write(path: Path, out: dict) -> None:
 
 
 def _print_parts(out: dict) -> None:
+    for name, us in out["frontend_parts_us"].items():
+        print(f"frontend {name} (batch 1, 1x28x28): median {us:.0f} µs")
     for d in out["collector"]:
         print(
             f"collector alone, k={d['k']} r={d['r']}: median {d['median_us']:.0f} µs (p90 {d['p90_us']:.0f})"

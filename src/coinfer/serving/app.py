@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 
 from coinfer.errors import CoinferError, DecodeError
-from coinfer.serving.collector import CollectError, CollectTimeout
+from coinfer.serving.collector import CollectError, Collection, CollectTimeout
 from coinfer.serving.injection import Injection
 from coinfer.serving.runtime import MODES, Runtime
 from coinfer.serving.validation import RequestError, parse_predict_request
@@ -58,6 +58,36 @@ def _json(content: dict[str, Any]) -> Response:
     built from plain lists, ints, floats and strings already)."""
     body = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     return Response(body.encode("utf-8"), media_type="application/json")
+
+
+def predict_reply(
+    res: Collection, mode: str, batch: int, names: list[str] | None, probabilities: bool = True
+) -> dict[str, Any]:
+    """The :class:`PredictResponse` content of a collection, from plain Python values
+    (no ``latency_ms`` yet), ready for ``json.dumps``."""
+    out = res.outputs.numpy()
+    top = out.argmax(-1).tolist()
+    probs = out.tolist() if probabilities else None
+    outputs = [
+        {
+            "model": j,
+            "reconstructed": bool(res.reconstructed[j]),
+            "top1": top[j],
+            "labels": [names[t] for t in top[j]] if names else [str(t) for t in top[j]],
+            "probabilities": probs[j] if probs is not None else None,
+        }
+        for j in range(len(out))
+    ]
+    return {
+        "mode": mode,
+        "batch": batch,
+        "outputs": outputs,
+        "workers": {
+            "used": {str(w): r for w, r in res.used.items()},
+            "failed": {str(w): r for w, r in res.failed.items()},
+            "late": res.late,
+        },
+    }
 
 
 def build_app(runtime: Runtime) -> FastAPI:
@@ -139,31 +169,8 @@ def build_app(runtime: Runtime) -> FastAPI:
             return _error(502, "bad_worker_output", str(exc))
         except CoinferError as exc:
             return _error(422, "bad_request", str(exc))
-        # the PredictResponse schema, built from plain Python values and serialized once
-        out = res.outputs.numpy()
-        top = out.argmax(-1).tolist()
-        probs = out.tolist() if opts.get("return_probabilities", True) else None
-        outputs = [
-            {
-                "model": j,
-                "reconstructed": bool(res.reconstructed[j]),
-                "top1": top[j],
-                "labels": [names[t] for t in top[j]] if names else [str(t) for t in top[j]],
-                "probabilities": probs[j] if probs is not None else None,
-            }
-            for j in range(runtime.code.k)
-        ]
-        content = {
-            "mode": mode,
-            "batch": len(x),
-            "outputs": outputs,
-            "workers": {
-                "used": {str(w): r for w, r in res.used.items()},
-                "failed": {str(w): r for w, r in res.failed.items()},
-                "late": res.late,
-            },
-            "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
-        }
+        content = predict_reply(res, mode, len(x), names, opts.get("return_probabilities", True))
+        content["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         try:
             return _json(content)
         except ValueError as exc:  # NaN or inf in an output that reached the reply
