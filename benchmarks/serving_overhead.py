@@ -113,7 +113,10 @@ def frontend_parts(input_shape: tuple[int, ...], k: int, iters: int) -> dict[str
     """Median µs of the frontend's own per-request work, outside Ray and HTTP."""
     from fastapi.responses import JSONResponse
 
-    from coinfer.serving.app import PredictResponse, _json, predict_reply
+    try:
+        from coinfer.serving.app import PredictResponse, _json, predict_reply
+    except ImportError:  # a version of coinfer before predict_reply
+        return {}
     from coinfer.serving.client import encode_npy
     from coinfer.serving.collector import Collection
     from coinfer.serving.validation import parse_predict_request
