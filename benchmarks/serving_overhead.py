@@ -5,12 +5,24 @@ On one local Ray instance, one request at a time (closed loop, batch 1):
 * ``direct``: ``await handle.predict.remote(x)`` on data worker 0's deployment;
 * ``coded``: ``await runtime.predict(x, "coded")`` — the fan-out to all n
   workers, the first-decodable-set collector and the decode;
+* ``http``: ``POST /v1/predict`` of the same input (base64 .npy, with the
+  probabilities, as ``coinfer.Client`` sends it) to the frontend running in a
+  background thread of this process, through one keep-alive httpx connection —
+  what a user sees, less the network;
+* ``http healthz``: ``GET /healthz`` on the same connection (the HTTP transport
+  and routing alone, no worker);
 * ``collector only``: :func:`collect` with workers that answer at once (the
   pure-Python cost of the collection logic);
 * ``decode``: ``Code.decode`` of a (1, C = 10) batch with one data output missing,
-  with the projection onto the simplex.
+  with the projection onto the simplex;
+* ``frontend parts``: parsing a batch-1 ``npy`` body of the bundle's input shape
+  (``parse_predict_request``), and building the batch-1 reply with the
+  probabilities: as the frontend does it (plain values, one ``json.dumps``) and
+  as FastAPI's ``response_model`` path did it before (pydantic validation of
+  ``PredictResponse``, a JSON-mode dump, then ``json.dumps``).
 
-The overhead is median(coded) − median(direct). Writes JSON and prints a table.
+The overhead is median(coded) − median(direct), and over HTTP median(http) −
+median(direct). Writes JSON and prints a table.
 
     python benchmarks/serving_overhead.py runs/mnist-k2r1 --out runs/serving-overhead.json
     python benchmarks/serving_overhead.py --no-serve --out runs/decode.json   # decode + collector only
@@ -97,19 +109,75 @@ async def collector_times(k: int, r: int, iters: int) -> dict[str, float]:
     }
 
 
-async def served(rt, x: np.ndarray, iters: int) -> dict[str, dict]:
+def frontend_parts(input_shape: tuple[int, ...], k: int, iters: int) -> dict[str, float]:
+    """Median µs of the frontend's own per-request work, outside Ray and HTTP."""
+    from fastapi.responses import JSONResponse
+
+    try:
+        from coinfer.serving.app import PredictResponse, _json, predict_reply
+    except ImportError:  # a version of coinfer before predict_reply
+        return {}
+    from coinfer.serving.client import encode_npy
+    from coinfer.serving.collector import Collection
+    from coinfer.serving.validation import parse_predict_request
+
+    body = json.dumps({"npy": encode_npy(np.zeros((1, *input_shape), dtype=np.float32))}).encode()
+    outputs = torch.softmax(torch.randn(k, 1, 10), -1)
+    res = Collection(outputs, [True] + [False] * (k - 1), {1: 1, k: k}, {}, {}, [0], [])
+    names = [str(i) for i in range(10)]
+
+    def reply_new() -> None:
+        _json({**predict_reply(res, "coded", 1, names), "latency_ms": 1.0})
+
+    def reply_fastapi() -> None:
+        content = {**predict_reply(res, "coded", 1, names), "latency_ms": 1.0}
+        JSONResponse(PredictResponse.model_validate(content).model_dump(mode="json"))
+
+    def parse() -> None:
+        parse_predict_request(body, input_shape, 1024, 8 * 1024 * 1024)
+
+    out = {}
+    for name, f in [("parse", parse), ("reply", reply_new), ("reply via response_model", reply_fastapi)]:
+        for _ in range(100):
+            f()
+        ts = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+        out[name] = statistics.median(ts) * 1e6
+    return out
+
+
+async def served(rt, x: np.ndarray, iters: int, url: str | None) -> dict[str, dict]:
+    import httpx
+
+    from coinfer.serving.client import encode_npy
+
     h = rt.slots[0].handle
-    for _ in range(30):  # warm-up
-        await h.predict.remote(x, None)
-        await rt.predict(x, "coded")
-    res: dict[str, list[float]] = {"direct": [], "coded": []}
-    for _ in range(iters):  # interleaved, so drifting machine load hits both alike
-        t0 = time.perf_counter()
-        await h.predict.remote(x, None)
-        res["direct"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        await rt.predict(x, "coded")
-        res["coded"].append(time.perf_counter() - t0)
+    body = json.dumps({"npy": encode_npy(x)}).encode()
+    headers = {"content-type": "application/json"}
+    async with httpx.AsyncClient(base_url=url or "http://unused", timeout=30.0) as http:
+
+        async def post() -> None:
+            resp = await http.post("/v1/predict", content=body, headers=headers)
+            resp.raise_for_status()
+
+        async def healthz() -> None:
+            (await http.get("/healthz")).raise_for_status()
+
+        paths = {"direct": lambda: h.predict.remote(x, None), "coded": lambda: rt.predict(x, "coded")}
+        if url:
+            paths.update({"http": post, "http healthz": healthz})
+        for _ in range(30):  # warm-up
+            for f in paths.values():
+                await f()
+        res: dict[str, list[float]] = {k: [] for k in paths}
+        for _ in range(iters):  # interleaved, so drifting machine load hits all alike
+            for name, f in paths.items():
+                t0 = time.perf_counter()
+                await f()
+                res[name].append(time.perf_counter() - t0)
     return {k: _q(v) for k, v in res.items()}
 
 
@@ -124,6 +192,7 @@ def main() -> None:
     ap.add_argument(
         "--no-serve", action="store_true", help="only the decode and collector timings (no Ray, no bundle)"
     )
+    ap.add_argument("--no-http", action="store_true", help="skip the HTTP paths")
     args = ap.parse_args()
     if args.bundle is None and not args.no_serve:
         ap.error("give a bundle, or --no-serve for the decode and collector timings only")
@@ -135,33 +204,44 @@ def main() -> None:
             "loadavg_start": os.getloadavg(),
         },
         "command": "python benchmarks/serving_overhead.py "
-        + (f"{args.bundle} --iters {args.iters}" if not args.no_serve else "--no-serve"),
+        + (f"{args.bundle} --iters {args.iters}" if not args.no_serve else "--no-serve")
+        + (" --no-http" if args.no_http else ""),
         "decode": [decode_times(k, r, 5000, small) for k, r in [(2, 1), (4, 2)] for small in (None, -1)],
         "collector": [asyncio.run(collector_times(k, r, 2000)) for k, r in [(2, 1), (4, 2)]],
     }
+    out["frontend_parts_us"] = frontend_parts((1, 28, 28), 2, 2000)
     if args.no_serve:
         _print_parts(out)
         _write(args.out, out)
         return
     from coinfer.serving.runtime import Runtime, ServeConfig
+    from coinfer.serving.server import Server
 
     rt = Runtime.start(ServeConfig(args.bundle, baselines=False, trust_code=args.trust_code))
+    server = None
     try:
+        if not args.no_http:
+            server = Server(rt, port=0, admin_port=0).start()
         x = np.zeros((1, *rt.input_shape), dtype=np.float32)
-        out["served"] = asyncio.run(served(rt, x, args.iters))
+        out["served"] = asyncio.run(served(rt, x, args.iters, server.url if server else None))
         out["k"], out["r"] = rt.code.k, rt.code.r
     finally:
+        if server is not None:
+            server.stop()
         rt.shutdown()
     s = out["served"]
     out["overhead_median_ms"] = s["coded"]["median_ms"] - s["direct"]["median_ms"]
+    if "http" in s:
+        out["http_overhead_median_ms"] = s["http"]["median_ms"] - s["direct"]["median_ms"]
     _write(args.out, out)
     print(f"bundle {args.bundle} (k={out['k']}, r={out['r']}), {args.iters} sequential requests of batch 1")
     print("| path | median (ms) | p90 (ms) | p99 (ms) |")
     print("| --- | ---: | ---: | ---: |")
-    for name in ("direct", "coded"):
-        q = s[name]
+    for name, q in s.items():
         print(f"| {name} | {q['median_ms']:.2f} | {q['p90_ms']:.2f} | {q['p99_ms']:.2f} |")
     print(f"\nfrontend overhead of coded (median coded − median direct): {out['overhead_median_ms']:.2f} ms")
+    if "http" in s:
+        print(f"over HTTP (median http − median direct): {out['http_overhead_median_ms']:.2f} ms")
     _print_parts(out)
 
 
@@ -172,6 +252,8 @@ def _write(path: Path, out: dict) -> None:
 
 
 def _print_parts(out: dict) -> None:
+    for name, us in out["frontend_parts_us"].items():
+        print(f"frontend {name} (batch 1, 1x28x28): median {us:.0f} µs")
     for d in out["collector"]:
         print(
             f"collector alone, k={d['k']} r={d['r']}: median {d['median_us']:.0f} µs (p90 {d['p90_us']:.0f})"

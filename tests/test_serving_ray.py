@@ -215,3 +215,46 @@ def test_admin_api_refuses_non_loopback_clients(server):
     tc = TestClient(build_admin_app(server.runtime), client=("10.1.2.3", 5000))
     assert tc.get("/admin/state").status_code == 403
     assert httpx.get(server.admin_url + "/admin/state").status_code == 200
+
+
+def test_a_burst_of_1000_concurrent_requests_is_answered_200_or_503_and_the_server_stays_healthy(
+    server, client
+):
+    import json
+
+    from coinfer.serving.client import encode_npy
+    from coinfer.serving.loadgen import burst
+
+    body = {"npy": encode_npy(np.zeros((1, 64), dtype=np.float32)), "return_probabilities": False}
+    limit = server.runtime.config.inflight_limit
+    replies = burst(server.url, json.dumps(body).encode(), 1000, timeout_s=60.0)
+    codes = [r.status for r in replies]
+    assert set(codes) <= {200, 503}, sorted(set(codes))
+    shed = [r for r in replies if r.status == 503]
+    assert shed and codes.count(200) >= limit  # at least one full window was admitted
+    assert all(r.error == "overloaded" and r.retry_after == "1" for r in shed)
+    assert f"coinfer_overloaded_total {len(shed)}" in client.metrics()
+    assert client.health()["status"] == "ok"
+    assert client.predict(np.zeros((1, 64), dtype=np.float32))["batch"] == 1
+
+
+def test_healthz_turns_degraded_when_recent_failures_leave_no_decodable_set_and_recovers(
+    server, client, admin, restore
+):
+    from coinfer.serving.client import ServerError
+
+    x = np.zeros((1, 64), dtype=np.float32)
+    admin.inject([0, 1], fail_prob=1.0)
+    for _ in range(4):
+        with pytest.raises(ServerError) as ei:
+            client.predict(x)
+        assert ei.value.reason == "no_decodable_set"
+    health = httpx.get(server.url + "/healthz")
+    assert health.status_code == 503
+    rep = health.json()
+    assert rep["status"] == "degraded" and rep["failing"] == [0, 1] and rep["down"] == []
+    assert "injected failure in worker 1" in rep["unavailable"]["1"]
+    admin.clear()
+    for _ in range(3):
+        assert client.predict(x)["batch"] == 1
+    assert httpx.get(server.url + "/healthz").json()["status"] == "ok"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import time
 from typing import Any
 
@@ -11,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from coinfer.errors import CoinferError, DecodeError
-from coinfer.serving.collector import CollectError, CollectTimeout
+from coinfer.serving.collector import CollectError, Collection, CollectTimeout
 from coinfer.serving.injection import Injection
 from coinfer.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coinfer.serving.runtime import MODES, Runtime
@@ -52,6 +53,47 @@ def _error(status: int, reason: str, detail: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": reason, "detail": detail, **extra}, status_code=status)
 
 
+RETRY_AFTER_S = 1  # the Retry-After of an ``overloaded`` 503
+
+
+def _json(content: dict[str, Any]) -> Response:
+    """Pre-serialized JSON, as FastAPI's ``JSONResponse`` writes it, without the
+    ``response_model`` validation and ``jsonable_encoder`` pass (the content is
+    built from plain lists, ints, floats and strings already)."""
+    body = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return Response(body.encode("utf-8"), media_type="application/json")
+
+
+def predict_reply(
+    res: Collection, mode: str, batch: int, names: list[str] | None, probabilities: bool = True
+) -> dict[str, Any]:
+    """The :class:`PredictResponse` content of a collection, from plain Python values
+    (no ``latency_ms`` yet), ready for ``json.dumps``."""
+    out = res.outputs.numpy()
+    top = out.argmax(-1).tolist()
+    probs = out.tolist() if probabilities else None
+    outputs = [
+        {
+            "model": j,
+            "reconstructed": bool(res.reconstructed[j]),
+            "top1": top[j],
+            "labels": [names[t] for t in top[j]] if names else [str(t) for t in top[j]],
+            "probabilities": probs[j] if probs is not None else None,
+        }
+        for j in range(len(out))
+    ]
+    return {
+        "mode": mode,
+        "batch": batch,
+        "outputs": outputs,
+        "workers": {
+            "used": {str(w): r for w, r in res.used.items()},
+            "failed": {str(w): r for w, r in res.failed.items()},
+            "late": res.late,
+        },
+    }
+
+
 def build_app(runtime: Runtime) -> FastAPI:
     """The public API: predict, models, health, metrics."""
     app = FastAPI(
@@ -61,6 +103,8 @@ def build_app(runtime: Runtime) -> FastAPI:
     )
     names = runtime.class_names
     cfg = runtime.config
+    limit = cfg.inflight_limit
+    inflight = 0  # prediction requests admitted and not yet answered (one event loop: no lock)
 
     @app.post(
         "/v1/predict",
@@ -80,14 +124,41 @@ def build_app(runtime: Runtime) -> FastAPI:
             413: _err("Body or batch over the size limit."),
             422: _err("Wrong shape or dtype, NaN/inf, unknown mode."),
             502: _err("A worker returned an output that cannot be decoded."),
-            503: _err("Too many workers failed or are down to decode."),
+            503: _err(
+                "`overloaded` (too many requests in flight; retry after `Retry-After` seconds) "
+                "or `no_decodable_set` (too many workers failed or are down to decode)."
+            ),
             504: _err("No decodable set within the request timeout."),
         },
     )
     async def predict(request: Request) -> Any:
         """Run the inputs on the workers; return every data model's output as soon as
-        a decodable set has arrived, with ``reconstructed`` per model."""
+        a decodable set has arrived, with ``reconstructed`` per model.
+
+        Admission comes first, before the body is read: with ``max_inflight``
+        requests in flight the answer is an immediate 503 ``overloaded`` with a
+        ``Retry-After`` header."""
+        nonlocal inflight
         t0 = time.perf_counter()
+        if inflight >= limit:
+            runtime.metrics.overloaded()
+            resp = _error(
+                503,
+                "overloaded",
+                f"{inflight} requests are in flight, the server's limit (--max-inflight); "
+                f"retry after {RETRY_AFTER_S}s",
+                inflight=inflight,
+                limit=limit,
+            )
+            resp.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return resp
+        inflight += 1
+        try:
+            return await _predict(request, t0)
+        finally:
+            inflight -= 1
+
+    async def _predict(request: Request, t0: float) -> Response:
         try:
             # bounded: Content-Length checked first, then a counted read of the stream
             body = await read_body(
@@ -113,26 +184,12 @@ def build_app(runtime: Runtime) -> FastAPI:
             return _error(502, "bad_worker_output", str(exc))
         except CoinferError as exc:
             return _error(422, "bad_request", str(exc))
-        probs = opts.get("return_probabilities", True)
-        top = res.outputs.argmax(-1).tolist()
-        outputs = []
-        for j in range(runtime.code.k):
-            outputs.append(
-                {
-                    "model": j,
-                    "reconstructed": res.reconstructed[j],
-                    "top1": top[j],
-                    "labels": [names[t] if names else str(t) for t in top[j]],
-                    "probabilities": res.outputs[j].tolist() if probs else None,
-                }
-            )
-        return {
-            "mode": mode,
-            "batch": len(x),
-            "outputs": outputs,
-            "workers": {"used": res.used, "failed": res.failed, "late": res.late},
-            "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
-        }
+        content = predict_reply(res, mode, len(x), names, opts.get("return_probabilities", True))
+        content["latency_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        try:
+            return _json(content)
+        except ValueError as exc:  # NaN or inf in an output that reached the reply
+            return _error(502, "bad_worker_output", f"an output holds NaN or inf: {exc}")
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -157,13 +214,11 @@ def build_app(runtime: Runtime) -> FastAPI:
 
     @app.get("/healthz", responses={503: {"description": "More than r workers are down."}})
     async def healthz() -> JSONResponse:
-        """``ok`` while at most r workers are down (every request can still be decoded)."""
-        down = sorted(w for w in runtime.down if w < runtime.code.n)
-        ok = len(down) <= runtime.code.r
-        return JSONResponse(
-            {"status": "ok" if ok else "degraded", "down": sorted(runtime.down)},
-            status_code=200 if ok else 503,
-        )
+        """``ok`` (200) while the default mode's workers that are neither down nor
+        recently failing can still form a decodable set, else ``degraded`` (503);
+        ``unavailable`` names each left-out worker and why."""
+        report = runtime.health_report()
+        return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def metrics() -> Response:

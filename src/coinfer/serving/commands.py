@@ -65,6 +65,13 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(help="Largest accepted request body.")] = 8 * 1024 * 1024,
     trust_code: Annotated[bool, typer.Option("--trust-code", help=TRUST_CODE_HELP)] = False,
     max_condition: Annotated[float | None, typer.Option(help=MAX_CONDITION_HELP)] = None,
+    max_inflight: Annotated[
+        int | None,
+        typer.Option(
+            help="Most prediction requests in flight; more get an immediate 503 'overloaded' with "
+            "Retry-After (default: 2 x max-batch-size x replicas)."
+        ),
+    ] = None,
 ) -> None:
     """Serve a bundle over HTTP on Ray: every request goes to all workers, the first decodable set answers."""
     from coinfer.serving.injection import Injection, parse_delay
@@ -90,6 +97,7 @@ def serve(
         max_body_bytes=max_body_bytes,
         trust_code=trust_code,
         max_condition=max_condition,
+        max_inflight=max_inflight,
     )
     manifest_n = None
     sockets = bind_sockets(host, port, admin_port)  # a port in use fails here, before Ray starts

@@ -81,6 +81,11 @@ class Metrics:
             ["worker"],
             registry=reg,
         )
+        self._overloaded = Counter(
+            "coinfer_overloaded_total",
+            "Requests refused with 503 because too many were in flight.",
+            registry=reg,
+        )
 
     def request(self, mode: str, status: str, seconds: float | None = None) -> None:
         """Count a prediction request of ``mode`` with outcome ``status``; record its latency if given."""
@@ -107,6 +112,10 @@ class Metrics:
     def bad_request(self, reason: str) -> None:
         """Count a rejected request by its reason code."""
         self._bad_requests.labels(reason=reason).inc()
+
+    def overloaded(self) -> None:
+        """A request refused at admission (too many in flight)."""
+        self._overloaded.inc()
 
     def render(self) -> str:
         """The Prometheus exposition text (``Content-Type``: :data:`CONTENT_TYPE`)."""

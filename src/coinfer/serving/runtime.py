@@ -27,6 +27,9 @@ import logging
 import math
 import os
 import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +39,11 @@ import numpy as np
 from coinfer.architectures import check_trusted
 from coinfer.bundle import MANIFEST, Bundle
 from coinfer.errors import BundleError, CoinferError
-from coinfer.serving.collector import Collection, CollectTimeout, Plan, collect
+from coinfer.serving.collector import CollectError, Collection, CollectTimeout, Plan, collect
 from coinfer.serving.injection import Injection
 from coinfer.serving.metrics import Metrics
 
-__all__ = ["MODES", "ServeConfig", "Runtime", "WorkerSlot", "WorkerRefused"]
+__all__ = ["MODES", "ServeConfig", "Runtime", "WorkerSlot", "WorkerRefused", "WorkerHealth"]
 
 MODES = ("coded", "uncoded", "replicated", "hedged")
 log = logging.getLogger("coinfer.serving")
@@ -70,6 +73,9 @@ class ServeConfig:
             without it such a bundle is refused before any worker starts.
         max_condition: largest decoding condition number accepted (default
             1e6); the manifest's recorded limit can only lower it.
+        max_inflight: most prediction requests handled at once; more get a fast
+            HTTP 503 ``overloaded`` (``None``: :attr:`inflight_limit`'s default,
+            two full dynamic batches per worker replica).
     """
 
     bundle: Path
@@ -88,6 +94,7 @@ class ServeConfig:
     app_prefix: str = "coinfer"
     max_batch: int = 1024
     max_body_bytes: int = 8 * 1024 * 1024
+    max_inflight: int | None = None
     injections: dict[int, Injection] = field(default_factory=dict)
     trust_code: bool = False
     max_condition: float | None = None
@@ -102,6 +109,76 @@ class ServeConfig:
             raise CoinferError(f"replicas must be >= 1, got {self.replicas}")
         if not self.timeout_s > 0:
             raise CoinferError(f"timeout must be > 0 seconds, got {self.timeout_s}")
+        if self.max_inflight is not None and self.max_inflight < 1:
+            raise CoinferError(
+                f"max_inflight must be >= 1 (or None for the default), got {self.max_inflight}"
+            )
+
+    @property
+    def inflight_limit(self) -> int:
+        """The admission bound: :attr:`max_inflight`, or by default
+        ``2 * max_batch_size * replicas``.
+
+        Every request goes to every worker of its mode, so each worker sees all
+        requests in flight; two full dynamic batches per replica (one running,
+        one filling) keep the batching at its best, and more requests in flight
+        only wait in Serve's queues, adding latency but no throughput."""
+        if self.max_inflight is not None:
+            return self.max_inflight
+        return 2 * self.max_batch_size * self.replicas
+
+
+class WorkerHealth:
+    """Recent outcomes of each worker's calls, for a ``/healthz`` that tells the truth.
+
+    Plain Python, no Ray. A failure is an exception of that worker or a request
+    timeout it did not answer in; a success is an answer (in time or late). A
+    worker is *failing* while its last ``threshold`` outcomes of the last
+    ``window_s`` seconds are all failures; one answer clears it, and outcomes
+    older than the window are forgotten (a worker nobody asked for that long is
+    not known to fail).
+
+    Args:
+        threshold: consecutive recent failures that make a worker failing.
+        window_s: how long an outcome counts as recent.
+        clock: the time source (seconds; for tests).
+    """
+
+    def __init__(
+        self, threshold: int = 3, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if threshold < 1 or not window_s > 0:
+            raise CoinferError(f"health threshold must be >= 1 and window > 0, got {threshold}, {window_s}")
+        self.threshold, self.window_s, self._clock = threshold, window_s, clock
+        self._recent: dict[int, deque[tuple[float, str | None]]] = {}  # worker -> (time, failure reason)
+
+    def _add(self, worker: int, reason: str | None) -> None:
+        q = self._recent.get(worker)
+        if q is None:
+            q = self._recent[worker] = deque(maxlen=self.threshold)
+        q.append((self._clock(), reason))
+
+    def success(self, worker: int) -> None:
+        """``worker`` answered."""
+        self._add(worker, None)
+
+    def failure(self, worker: int, reason: str) -> None:
+        """``worker`` raised or did not answer in time; ``reason`` says which."""
+        self._add(worker, reason)
+
+    def forget(self, worker: int) -> None:
+        """Drop ``worker``'s outcomes (e.g. after a restart)."""
+        self._recent.pop(worker, None)
+
+    def failing(self) -> dict[int, str]:
+        """worker -> reason, for the workers whose recent calls all failed."""
+        since = self._clock() - self.window_s
+        out = {}
+        for w, q in self._recent.items():
+            recent = [reason for t, reason in q if t >= since]
+            if len(recent) == self.threshold and all(r is not None for r in recent):
+                out[w] = f"last {self.threshold} calls failed (latest: {recent[-1]})"
+        return out
 
 
 @dataclass
@@ -135,6 +212,9 @@ class Runtime:
         self.hedge_ms = config.hedge_ms
         self.injections: dict[int, Injection] = dict(config.injections)
         self.down: dict[int, str] = {}
+        self.health = WorkerHealth()
+        self.loop_router = True  # see _handle
+        self._loop_handles: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.slots: dict[int, WorkerSlot] = {}
         self._started_ray = False  # this runtime called ray.init
         self._local_ray = False  # ... and started a local instance (not a cluster)
@@ -261,12 +341,53 @@ class Runtime:
             return Plan(tuple(range(k)), backups=replicas, hedge_after_s=self.hedge_ms / 1000.0)
         raise CoinferError(f"mode must be one of {list(MODES)}, got {mode!r}")
 
+    def _handle(self, w: int) -> Any:
+        """Worker ``w``'s handle for the running event loop, with Serve's router in
+        this loop (``_run_router_in_separate_loop=False``) rather than in Serve's
+        router thread: a call then needs no hop to another thread and back, which
+        on a busy machine costs a thread wake-up each way. Falls back to the
+        handle made at deployment where Serve lacks that option."""
+        if not self.loop_router:
+            return self.slots[w].handle
+        loop = asyncio.get_running_loop()
+        handles = self._loop_handles.get(loop)
+        if handles is None:
+            handles = self._loop_handles[loop] = {}
+        h = handles.get(w)
+        if h is None:
+            from ray.serve.handle import DeploymentHandle
+
+            try:  # a new handle (serve.get_deployment_handle would return its cached one)
+                h = DeploymentHandle(f"worker{w}", self.slots[w].app)
+                h._init(_run_router_in_separate_loop=False)
+            except (AttributeError, TypeError, RuntimeError) as exc:
+                log.warning("no same-loop Serve router (%s); using Serve's router thread", exc)
+                self.loop_router = False
+                return self.slots[w].handle
+            handles[w] = h
+        return h
+
     async def _call(self, w: int, x: np.ndarray) -> np.ndarray:
         inj = self.injections.get(w)
-        return await self.slots[w].handle.predict.remote(x, inj.to_dict() if inj and inj.active else None)
+        return await self._handle(w).predict.remote(x, inj.to_dict() if inj and inj.active else None)
 
     def _late(self, w: int, seconds: float, exc: BaseException | None) -> None:
         self.metrics.worker(w, seconds, failed=exc is not None)
+        if exc is None:
+            self.health.success(w)
+        else:
+            self.health.failure(w, f"late call failed: {type(exc).__name__}")
+
+    def _record_health(
+        self, answered: Iterable[int], failed: Mapping[int, str], silent: Iterable[int] = ()
+    ) -> None:
+        for w in answered:
+            self.health.success(w)
+        for w, reason in failed.items():
+            if w not in self.down:  # down workers are not asked; /healthz reports them apart
+                self.health.failure(w, reason)
+        for w in silent:
+            self.health.failure(w, f"no answer within the {self.timeout_s:g}s request timeout")
 
     async def predict(self, x: np.ndarray, mode: str | None = None) -> Collection:
         """Send ``x`` (``(B, *input_shape)`` float32) to the mode's workers; collect and decode.
@@ -292,11 +413,14 @@ class Runtime:
             self.metrics.request(mode, "timeout")
             for w in exc.failed:
                 self.metrics.worker(w, None, failed=True)
+            self._record_health((), exc.failed, exc.pending)
             raise
         except CoinferError as exc:
             self.metrics.request(mode, "failed")
             for w in getattr(exc, "failed", {}):
                 self.metrics.worker(w, None, failed=True)
+            if isinstance(exc, CollectError):
+                self._record_health((), exc.failed)
             raise
         self.metrics.request(mode, "ok", time.perf_counter() - t0)
         self.metrics.reconstructed(mode, sum(res.reconstructed))
@@ -304,7 +428,35 @@ class Runtime:
             self.metrics.worker(w, s)
         for w in res.failed:
             self.metrics.worker(w, None, failed=True)
+        self._record_health(res.latency_s, res.failed)
         return res
+
+    def health_report(self) -> dict[str, Any]:
+        """Whether requests in the default mode can still be decoded, and why not.
+
+        Workers that are down (killed) or recently failing (see :class:`WorkerHealth`)
+        are left out; the status is ``ok`` while the rows of the remaining workers
+        of the default mode's plan still form a decodable set (for an MDS code,
+        any k distinct rows), else ``degraded``."""
+        plan = self.plan(self.mode)
+        asked = sorted(set(plan.primary) | set(plan.backups.values()))
+        failing = self.health.failing()
+        reasons = {w: f"down ({self.down[w]})" for w in asked if w in self.down}
+        reasons.update({w: failing[w] for w in asked if w in failing and w not in reasons})
+        rows = sorted({self.row_of[w] for w in asked if w not in reasons})
+        ok = self.code.can_decode(rows)
+        return {
+            "status": "ok" if ok else "degraded",
+            "mode": self.mode,
+            "down": sorted(self.down),
+            "failing": sorted(w for w in failing if w not in self.down),
+            "unavailable": {str(w): r for w, r in sorted(reasons.items())},
+            "usable_rows": rows,
+            "detail": (
+                f"rows {rows} of the {self.mode} mode's workers are usable"
+                + ("" if ok else f"; a ({self.code.n}, {self.code.k}) code needs any {self.code.k} rows")
+            ),
+        }
 
     # ------------------------------------------------------------------ admin
     def check_worker(self, w: int) -> None:
@@ -411,6 +563,7 @@ class Runtime:
             try:
                 info = await asyncio.wait_for(self.slots[w].handle.info.remote(), timeout=3.0)
                 self.down.pop(w, None)
+                self.health.forget(w)
                 return {"worker": w, "seconds": round(time.perf_counter() - t0, 3), **info}
             except Exception as exc:  # replica still starting
                 last = exc
