@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import httpx
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -45,13 +46,16 @@ class StubRuntime:
 
     async def predict(self, x: np.ndarray, mode: str):
         self.calls += 1
-        out = np.full((2, len(x), 3), 1 / 3, dtype=np.float32)
+        out = torch.full((2, len(x), 3), 1 / 3)  # the runtime returns torch outputs
         return SimpleNamespace(
             outputs=out, reconstructed=[False, False], used={0: 0, 1: 1}, failed={}, late=[]
         )
 
     def state(self) -> dict:
         return {"mode": self.mode, "workers": [], "down": []}
+
+    def health_report(self) -> dict:
+        return {"status": "ok", "mode": self.mode, "down": [], "failing": [], "unavailable": {}}
 
 
 def _asgi_post(app, chunks: list[bytes], content_length: int | None) -> tuple[int, dict, int]:

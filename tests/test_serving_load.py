@@ -31,6 +31,9 @@ def _runtime(tmp_path, **config) -> Runtime:
         "input_shape": [4],
         "class_names": [f"c{i}" for i in range(3)],
         "architecture": {"name": "mlp", "kwargs": {}},
+        "files": {
+            name: "0" * 64 for name in ("data_0.safetensors", "data_1.safetensors", "coded_0.safetensors")
+        },
     }
     return Runtime(ServeConfig(tmp_path, **config), manifest)
 

@@ -106,7 +106,7 @@ def test_booleans_elsewhere_do_not_flag_inputs_and_big_integers_are_numbers():
 
 
 def test_json_depth_ignores_brackets_in_strings_and_escapes():
-    doc = {"a": [[1], "]]]\\"], "b\\": "\\\"[[[", "c": [{"d": "\"]"}]}
+    doc = {"a": [[1], "]]]\\"], "b\\": '\\"[[[', "c": [{"d": '"]'}]}
     body = json.dumps(doc).encode()
     assert json_depth(body) == 3
     assert {json_depth(body, block=b) for b in (1, 2, 3, 7, 1 << 18)} == {3}  # state carried across blocks

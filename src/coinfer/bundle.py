@@ -336,6 +336,11 @@ class Bundle:
         file list, which must be exactly ``data_0..data_{k-1}`` and
         ``coded_0..coded_{r-1}`` (bare names, no paths) with hex sha256 values.
         Imports and builds nothing. Returns ``(architecture spec, code)``."""
+        if not isinstance(manifest, Mapping):
+            raise BundleError(f"{where}: a manifest must be a JSON object, got {type(manifest).__name__}")
+        missing = [key for key in ("code", "architecture", "input_shape", "files") if key not in manifest]
+        if missing:
+            raise BundleError(f"{where}: the manifest lacks {missing}")
         try:
             code = Code.from_dict(manifest["code"], max_condition=max_condition)
         except (CodeError, KeyError, TypeError) as exc:

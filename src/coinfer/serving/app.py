@@ -212,7 +212,12 @@ def build_app(runtime: Runtime) -> FastAPI:
             "workers": runtime.state()["workers"],
         }
 
-    @app.get("/healthz", responses={503: {"description": "More than r workers are down."}})
+    @app.get(
+        "/healthz",
+        responses={
+            503: {"description": "The usable workers (not down, not recently failing) cannot decode."}
+        },
+    )
     async def healthz() -> JSONResponse:
         """``ok`` (200) while the default mode's workers that are neither down nor
         recently failing can still form a decodable set, else ``degraded`` (503);
