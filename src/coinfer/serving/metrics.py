@@ -66,6 +66,7 @@ class Metrics:
         self.reconstructions: dict[str, int] = defaultdict(int)  # mode -> data outputs decoded
         self.worker_latency: dict[str, _Histogram] = defaultdict(_Histogram)  # worker
         self.worker_failures: dict[str, int] = defaultdict(int)
+        self.worker_cancelled: dict[str, int] = defaultdict(int)
         self.timeouts: dict[str, int] = defaultdict(int)
         self.bad_requests: dict[str, int] = defaultdict(int)  # reason
 
@@ -81,6 +82,11 @@ class Metrics:
                 self.worker_failures[str(worker)] += 1
             elif seconds is not None:
                 self.worker_latency[str(worker)].observe(seconds)
+
+    def cancelled(self, worker: int) -> None:
+        """A call of ``worker`` cancelled because its request no longer needed it."""
+        with self._lock:
+            self.worker_cancelled[str(worker)] += 1
 
     def reconstructed(self, mode: str, count: int) -> None:
         if count:
@@ -129,7 +135,7 @@ class Metrics:
             for mode, c in sorted(self.timeouts.items()):
                 lines.append(f'coinfer_timeouts_total{{mode="{mode}"}} {c}')
             lines += [
-                "# HELP coinfer_worker_latency_seconds Per-worker latency (answers in time and late ones).",
+                "# HELP coinfer_worker_latency_seconds Per-worker latency of answered calls.",
                 "# TYPE coinfer_worker_latency_seconds histogram",
             ]
             for w, h in sorted(self.worker_latency.items(), key=lambda kv: int(kv[0])):
@@ -140,4 +146,10 @@ class Metrics:
             ]
             for w, c in sorted(self.worker_failures.items(), key=lambda kv: int(kv[0])):
                 lines.append(f'coinfer_worker_failures_total{{worker="{w}"}} {c}')
+            lines += [
+                "# HELP coinfer_worker_cancelled_total Calls cancelled because their request had answered or failed.",
+                "# TYPE coinfer_worker_cancelled_total counter",
+            ]
+            for w, c in sorted(self.worker_cancelled.items(), key=lambda kv: int(kv[0])):
+                lines.append(f'coinfer_worker_cancelled_total{{worker="{w}"}} {c}')
         return "\n".join(lines) + "\n"

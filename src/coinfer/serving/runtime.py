@@ -29,14 +29,42 @@ import numpy as np
 from coinfer.bundle import Bundle
 from coinfer.code import Code
 from coinfer.errors import BundleError, CoinferError
-from coinfer.serving.collector import Collection, CollectTimeout, Plan, collect
+from coinfer.serving.collector import (
+    Collection,
+    CollectTimeout,
+    LatencyTracker,
+    Plan,
+    SlackPolicy,
+    collect,
+)
 from coinfer.serving.injection import Injection
 from coinfer.serving.metrics import Metrics
 
-__all__ = ["MODES", "ServeConfig", "Runtime", "WorkerSlot"]
+__all__ = ["MODES", "ServeConfig", "Runtime", "WorkerSlot", "parse_decode_slack"]
 
 MODES = ("coded", "uncoded", "replicated", "hedged")
 log = logging.getLogger("coinfer.serving")
+
+
+def parse_decode_slack(value: float | int | str) -> float | str:
+    """A decode slack setting: ``"auto"`` or milliseconds ``>= 0`` (numbers or numeric strings).
+
+    Raises:
+        CoinferError: anything else, naming the value.
+    """
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        try:
+            value = float(text)
+        except ValueError:
+            raise CoinferError(f"decode slack must be 'auto' or milliseconds >= 0, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CoinferError(f"decode slack must be 'auto' or milliseconds >= 0, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise CoinferError(f"decode slack must be 'auto' or milliseconds >= 0, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -53,6 +81,13 @@ class ServeConfig:
         mode: default mode of requests that do not name one.
         timeout_s: request timeout (no decodable set by then: an error).
         hedge_ms: delay before the ``hedged`` mode sends its backup requests.
+        decode_slack: once a decodable set has arrived, how long to wait for
+            the data outputs still missing before decoding them: milliseconds,
+            or ``"auto"`` (until the request is as old as the missing data
+            workers' recent q99 latency, see
+            :class:`coinfer.serving.collector.SlackPolicy`); ``0`` decodes at
+            the first decodable set.
+        decode_slack_max_ms: cap of the ``auto`` slack.
         baselines: deploy the r extra replicas used by ``replicated``/``hedged``.
         seed: seed of the injected delays.
         app_prefix: prefix of the Serve application names.
@@ -71,6 +106,8 @@ class ServeConfig:
     mode: str = "coded"
     timeout_s: float = 5.0
     hedge_ms: float = 20.0
+    decode_slack: float | str = "auto"
+    decode_slack_max_ms: float = 50.0
     baselines: bool = True
     seed: int = 0
     app_prefix: str = "coinfer"
@@ -88,6 +125,9 @@ class ServeConfig:
             raise CoinferError(f"replicas must be >= 1, got {self.replicas}")
         if not self.timeout_s > 0:
             raise CoinferError(f"timeout must be > 0 seconds, got {self.timeout_s}")
+        self.decode_slack = parse_decode_slack(self.decode_slack)
+        if not (math.isfinite(self.decode_slack_max_ms) and self.decode_slack_max_ms >= 0):
+            raise CoinferError(f"decode slack cap must be >= 0 ms, got {self.decode_slack_max_ms}")
 
 
 @dataclass
@@ -114,6 +154,8 @@ class Runtime:
         self.mode = config.mode
         self.timeout_s = config.timeout_s
         self.hedge_ms = config.hedge_ms
+        self.decode_slack: float | str = config.decode_slack  # ms or "auto"
+        self.latency = LatencyTracker()  # recent worker-call latencies, for the auto slack
         self.injections: dict[int, Injection] = dict(config.injections)
         self.down: dict[int, str] = {}
         self.slots: dict[int, WorkerSlot] = {}
@@ -234,10 +276,33 @@ class Runtime:
 
     async def _call(self, w: int, x: np.ndarray) -> np.ndarray:
         inj = self.injections.get(w)
-        return await self.slots[w].handle.predict.remote(x, inj.to_dict() if inj and inj.active else None)
+        resp = self.slots[w].handle.predict.remote(x, inj.to_dict() if inj and inj.active else None)
+        try:
+            return await resp
+        except asyncio.CancelledError:
+            # the collector no longer needs this call: cancelling the awaiting task
+            # does not stop the remote call, DeploymentResponse.cancel() does (best effort)
+            resp.cancel()
+            raise
 
     def _late(self, w: int, seconds: float, exc: BaseException | None) -> None:
         self.metrics.worker(w, seconds, failed=exc is not None)
+        if exc is None:
+            self.latency.observe(w, seconds)
+
+    def set_decode_slack(self, value: float | str) -> None:
+        """Set the decode slack: milliseconds >= 0 or ``"auto"``."""
+        self.decode_slack = parse_decode_slack(value)
+
+    def slack_policy(self) -> SlackPolicy:
+        """The collector's decode-slack policy for the current setting."""
+        fixed = None if self.decode_slack == "auto" else float(self.decode_slack) / 1000.0
+        return SlackPolicy(
+            fixed_s=fixed,
+            tracker=self.latency,
+            max_s=self.config.decode_slack_max_ms / 1000.0,
+            worker_of_row={j: j for j in range(self.code.k)},
+        )
 
     async def predict(self, x: np.ndarray, mode: str | None = None) -> Collection:
         """Send ``x`` (``(B, *input_shape)`` float32) to the mode's workers; collect and decode.
@@ -257,6 +322,8 @@ class Runtime:
                 self.timeout_s,
                 down=self.down,
                 on_late=self._late,
+                slack=self.slack_policy(),
+                shape=(len(x), len(self.class_names) if self.class_names else None),
             )
         except CollectTimeout as exc:
             self.metrics.timeout(mode)
@@ -273,6 +340,10 @@ class Runtime:
         self.metrics.reconstructed(mode, sum(res.reconstructed))
         for w, s in res.latency_s.items():
             self.metrics.worker(w, s)
+            self.latency.observe(w, s)
+        for w, s in res.cancelled_s.items():  # neither a success nor a failure
+            self.metrics.cancelled(w)
+            self.latency.observe(w, s)  # a lower bound of its latency
         for w in res.failed:
             self.metrics.worker(w, None, failed=True)
         return res
@@ -344,6 +415,17 @@ class Runtime:
             "mode": self.mode,
             "timeout_s": self.timeout_s,
             "hedge_ms": self.hedge_ms,
+            "decode_slack": self.decode_slack,
+            "decode_slack_max_ms": self.config.decode_slack_max_ms,
+            "auto_slack": {
+                str(w): {
+                    "samples": v["samples"],
+                    "median_ms": round(1000 * v["median_s"], 3),
+                    "q99_ms": None if v["quantile_s"] is None else round(1000 * v["quantile_s"], 3),
+                }
+                for w, v in self.latency.snapshot().items()
+                if w < self.code.k
+            },
             "workers": [
                 {
                     "worker": w,
