@@ -533,3 +533,49 @@ def test_pending_calls_are_cancelled_on_timeout_and_on_failure():
 
         asyncio.run(main())
         assert sorted(t.cancelled) == sorted(w for w, d in delay.items() if d > 1)
+
+
+# ---------------------------------------------------------------- settings and the load report
+
+
+def test_decode_slack_settings_parse_or_name_the_problem():
+    from coinfer.serving.runtime import parse_decode_slack
+
+    assert parse_decode_slack("auto") == parse_decode_slack(" AUTO ") == "auto"
+    assert parse_decode_slack("12.5") == parse_decode_slack(12.5) == 12.5
+    assert parse_decode_slack(0) == 0.0
+    for bad in ("soon", "-1", -3, float("nan"), "inf", True, None):
+        with pytest.raises(CoinferError, match="decode slack must be 'auto' or milliseconds"):
+            parse_decode_slack(bad)
+
+
+def test_summary_reports_reconstruction_task_accuracy_and_agreement():
+    from coinfer.serving.loadgen import LoadResult, summarize
+
+    # 4 answered requests of a k = 2 class-split bundle (model 0: classes 0-4, model 1: 5-9)
+    labels = np.array([0, 7, 3, 9, 1])
+    top1 = np.array([[0, 2], [4, 7], [1, 6], [9, 9], [-1, -1]])
+    rec = np.array([[False, False], [False, True], [True, False], [False, True], [False, False]])
+    res = LoadResult(
+        latency_s=np.array([0.01, 0.02, 0.03, 0.04, np.nan]),
+        status=np.array([200, 200, 200, 200, 502]),
+        reconstructed=rec.any(1),
+        correct=top1 == labels[:, None],
+        reconstructed_outputs=rec,
+        labels=labels,
+        has_label=True,
+        top1=top1,
+        index=np.arange(5),
+        duration_s=1.0,
+        errors={"502 bad_worker_output": 1},
+        config={},
+    )
+    reference = np.array([[0, 2], [4, 7], [3, 6], [9, 8], [1, 1]])  # the data models' own top-1
+    s = summarize(res, reference=reference, tasks=[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
+    assert s["answered"] == 4 and s["reconstructed_fraction"] == 0.75
+    # own-class outputs: (0, m0) ok, (7, m1) ok rec, (3, m0) wrong rec, (9, m1) ok rec
+    assert s["task_accuracy"] == 0.75 and s["task_accuracy_reconstructed"] == pytest.approx(2 / 3)
+    assert s["task_accuracy_received"] == 1.0
+    # agreement on the same own-class outputs: 7 agrees, 3 does not (1 vs 3), 9 does not (9 vs 8)
+    assert s["agreement_reconstructed"] == pytest.approx(1 / 3) and s["agreement_received"] == 1.0
+    assert "agreement" not in summarize(res) and "task_accuracy" not in summarize(res)

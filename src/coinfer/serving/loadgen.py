@@ -213,7 +213,8 @@ def summarize(
         res: the run.
         reference: ``(len(x), k)`` top-1 of each data model on every input (see
             :func:`reference_top1`): adds ``agreement`` (served top-1 equals the
-            data model's own), overall, on received and on reconstructed outputs.
+            data model's own), overall, on received and on reconstructed outputs
+            (with ``tasks``: on inputs of the model's own classes only).
         tasks: the classes of each data model (class-split bundles): adds
             ``task_accuracy``, the accuracy of each served output on inputs of
             its model's classes only (also on received / reconstructed outputs).
@@ -255,9 +256,13 @@ def summarize(
     if reference is not None and ok.any():
         agree = res.top1[ok] == reference[res.index[ok]]
         rec = res.reconstructed_outputs[ok]
-        out["agreement"] = float(agree.mean())
-        out["agreement_received"] = _mean(agree[~rec])
-        out["agreement_reconstructed"] = _mean(agree[rec])
+        # with tasks, only where the model's answer means something: inputs of its own classes
+        mask = (
+            np.ones_like(rec) if tasks is None else np.stack([np.isin(res.labels[ok], t) for t in tasks], 1)
+        )
+        out["agreement"] = _mean(agree[mask])
+        out["agreement_received"] = _mean(agree[mask & ~rec])
+        out["agreement_reconstructed"] = _mean(agree[mask & rec])
         out["reconstructed_outputs"] = int(rec.sum())
     return out
 
