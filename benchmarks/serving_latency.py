@@ -33,7 +33,7 @@ import numpy as np
 
 from coinfer.experiments.data import class_split
 from coinfer.serving.client import AdminClient
-from coinfer.serving.loadgen import plot_cdf, reference_top1, run_load, summarize
+from coinfer.serving.loadgen import LoadResult, plot_cdf, reference_top1, run_load, summarize
 
 MODES = ["coded", "uncoded", "replicated", "hedged"]
 
@@ -110,8 +110,9 @@ def main() -> None:
         help="classes: model j's task is its class_split block (class-split bundles); all: every class",
     )
     ap.add_argument(
-        "--auto-warmup", type=int, default=100, help="requests before each auto run (not measured)"
+        "--auto-warmup", type=int, default=40, help="requests before each auto run (not measured)"
     )
+    ap.add_argument("--rounds", type=int, default=1, help="interleave the settings in this many rounds")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     with np.load(args.data) as z:
@@ -152,8 +153,17 @@ def main() -> None:
         for name in args.scenarios.split(","):
             sc = scen[name]
             curves = {}
-            for mode in args.modes.split(","):
-                for slack in slacks if mode == "coded" else [None]:
+            runs = [
+                (mode, slack)
+                for mode in args.modes.split(",")
+                for slack in (slacks if mode == "coded" else [None])
+            ]
+            parts: dict[str, list] = {}
+            loads: dict[str, list[float]] = {}
+            for rnd in range(args.rounds):
+                # interleaved rounds, the order rotated each round: a drift of the machine's
+                # background load hits every setting alike
+                for mode, slack in runs[rnd % len(runs) :] + runs[: rnd % len(runs)]:
                     label = mode if slack is None else f"{mode}@{slack}"
                     admin.clear()
                     if slack is not None:
@@ -162,42 +172,47 @@ def main() -> None:
                         admin.inject(**sc["inject"])
                     if "kill" in sc:
                         admin.kill(sc["kill"])
-                    if slack == "auto" and args.auto_warmup:  # let the tracker see this scenario
+                    if slack == "auto" and args.auto_warmup:  # let the tracker see this scenario and slack
                         run_load(url, x, y, rate=args.rate, requests=args.auto_warmup, mode=mode, k=info["k"])
                     t0 = time.time()
-                    load0 = os.getloadavg()
+                    loads.setdefault(label, []).append(os.getloadavg()[0])
                     res = run_load(
                         url,
                         x,
                         y,
                         rate=args.rate,
-                        requests=args.requests,
+                        requests=max(1, args.requests // args.rounds),
                         duration_s=args.duration,
                         mode=mode,
-                        seed=zlib.crc32(name.encode()),  # same arrivals and inputs in every mode
+                        seed=zlib.crc32(name.encode()) + rnd,  # same arrivals and inputs in every mode
                         k=info["k"],
                     )
-                    s = summarize(res, reference=reference, tasks=tasks)
-                    s["decode_slack"] = slack
-                    s["loadavg_start"] = load0
-                    s["loadavg_end"] = os.getloadavg()
-                    s["server_state"] = {k: v for k, v in admin.state().items() if k != "workers"}
-                    s["latency_ms"] = [
-                        None if np.isnan(v) else round(float(v) * 1000, 4) for v in res.latency_s
-                    ]
-                    results["runs"][f"{name}/{label}"] = s
-                    curves[label] = res.latency_s * 1000
-                    print(
-                        f"{name:14s} {label:14s} p50 {s.get('p50_ms', float('nan')):7.2f}  "
-                        f"p99 {s.get('p99_ms', float('nan')):7.2f}  p99.9 {s.get('p999_ms', float('nan')):8.2f}  "
-                        f"answered {s['answered']}/{s['sent']}  rec {s['reconstructed_fraction']:.3f}  "
-                        f"task acc {s.get('task_accuracy') or float('nan'):.4f}  "
-                        f"agree(rec) {s.get('agreement_reconstructed') or float('nan'):.3f}  "
-                        f"load {s['loadavg_end'][0]:.1f}  ({time.time() - t0:.0f}s)",
-                        flush=True,
-                    )
+                    loads[label].append(os.getloadavg()[0])
+                    parts.setdefault(label, []).append(res)
                     if "kill" in sc:
                         admin.restart(sc["kill"])
+                    print(
+                        f"  {name} {label} round {rnd + 1}/{args.rounds} ({time.time() - t0:.0f}s)",
+                        flush=True,
+                    )
+            for label, chunks in parts.items():
+                res = _merge(chunks)
+                s = summarize(res, reference=reference, tasks=tasks)
+                s["decode_slack"] = label.split("@")[1] if "@" in label else None
+                s["loadavg_1min"] = [min(loads[label]), max(loads[label])]
+                s["latency_ms"] = [None if np.isnan(v) else round(float(v) * 1000, 4) for v in res.latency_s]
+                results["runs"][f"{name}/{label}"] = s
+                curves[label] = res.latency_s * 1000
+                print(
+                    f"{name:14s} {label:14s} p50 {s.get('p50_ms', float('nan')):7.2f}  "
+                    f"p99 {s.get('p99_ms', float('nan')):7.2f}  p99.9 {s.get('p999_ms', float('nan')):8.2f}  "
+                    f"answered {s['answered']}/{s['sent']}  rec {s['reconstructed_fraction']:.3f}  "
+                    f"task acc {s.get('task_accuracy') or float('nan'):.4f}  "
+                    f"agree(rec) {s.get('agreement_reconstructed') or float('nan'):.3f}  "
+                    f"load {s['loadavg_1min'][0]:.1f}-{s['loadavg_1min'][1]:.1f}",
+                    flush=True,
+                )
+            results["auto_slack_state"] = admin.state().get("auto_slack")
             plot_cdf(
                 curves,
                 args.out / f"cdf-{name}.png",
@@ -215,12 +230,42 @@ def main() -> None:
     print(table(results))
 
 
+def _merge(chunks: list[LoadResult]) -> LoadResult:
+    """One :class:`LoadResult` of several rounds of the same setting."""
+    cat = {f: np.concatenate([getattr(c, f) for c in chunks]) for f in _ARRAYS}
+    errors: dict[str, int] = {}
+    for c in chunks:
+        for key, v in c.errors.items():
+            errors[key] = errors.get(key, 0) + v
+    config = dict(chunks[0].config, requests=int(len(cat["status"])), rounds=len(chunks))
+    return LoadResult(
+        **cat,
+        has_label=chunks[0].has_label,
+        duration_s=sum(c.duration_s for c in chunks),
+        errors=errors,
+        config=config,
+    )
+
+
+_ARRAYS = (
+    "latency_s",
+    "status",
+    "reconstructed",
+    "correct",
+    "reconstructed_outputs",
+    "labels",
+    "top1",
+    "index",
+)
+
+
 def table(results: dict) -> str:
     """Markdown table of every run (latency in ms).
 
     ``task acc``: served top-1 against the label on inputs of each model's own
     classes; ``agree (rec.)``: reconstructed outputs whose top-1 equals the data
-    model's own; ``load``: 1-minute load average at the start and end of the run."""
+    model's own (on inputs of its own classes); ``load``: lowest and highest
+    1-minute load average seen at the start and end of the setting's rounds."""
     lines = [
         "| scenario | mode | slack | p50 | p90 | p99 | p99.9 | p99.9 − p50 | req/s | answered "
         "| reconstructed | task acc | agree (rec.) | load |",
@@ -240,7 +285,7 @@ def table(results: dict) -> str:
             f"{f(s.get('gap_p999_p50_ms'))} | {s['throughput_rps']:.1f} | {s['answered']}/{s['sent']} | "
             f"{s['reconstructed_fraction']:.3f} | {f(s.get('task_accuracy'), '{:.4f}')} | "
             f"{f(s.get('agreement_reconstructed'), '{:.3f}')} | "
-            f"{s['loadavg_start'][0]:.1f}–{s['loadavg_end'][0]:.1f} |"
+            f"{s['loadavg_1min'][0]:.1f}–{s['loadavg_1min'][1]:.1f} |"
         )
     return "\n".join(lines) + "\n"
 

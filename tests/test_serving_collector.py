@@ -400,15 +400,15 @@ def test_auto_slack_waits_until_the_missing_workers_q99_latency_capped():
 
 def test_auto_slack_adapts_to_the_tracked_latencies():
     code = Code(2, 1)
-    delay = {0: 0.2, 1: 0.0, 2: 0.0}
-    # worker 0 normally takes up to ~0.45 s: its 0.2 s answer is waited for
-    slow = SlackPolicy(None, _tracker({0: 0.3}), max_s=2.0)
+    delay = {0: 0.6, 1: 0.0, 2: 0.0}
+    # worker 0 normally takes up to ~0.9 s: its 0.6 s answer is waited for
+    slow = SlackPolicy(None, _tracker({0: 0.6}), max_s=5.0)
     res, elapsed, _, _ = _timed(code, delay, slack=slow)
-    assert res.reconstructed == [False, False] and 0.19 < elapsed < 1.5
-    # worker 0 normally answers within ~0.03 s: at 0.2 s it is a straggler, decode at once
-    fast = SlackPolicy(None, _tracker({0: 0.02}), max_s=2.0)
+    assert res.reconstructed == [False, False] and 0.59 < elapsed < 2.0
+    # worker 0 normally answers within ~0.03 s: at 0.6 s it is a straggler, decode at once
+    fast = SlackPolicy(None, _tracker({0: 0.02}), max_s=5.0)
     res, elapsed, _, t = _timed(code, delay, slack=fast)
-    assert res.reconstructed == [True, False] and elapsed < 0.18 and t.cancelled == [0]
+    assert res.reconstructed == [True, False] and elapsed < 0.5 and t.cancelled == [0]
 
 
 def test_tracker_ignores_nonsense_and_keeps_a_window():

@@ -374,7 +374,8 @@ async def collect(
             failed[w] = f"bad_output: {why}"
             after_failure(w)
             return
-        t = out if isinstance(out, torch.Tensor) else torch.tensor(out)
+        # one dtype for decoding (workers answer float32 softmax; a float64 answer is narrowed)
+        t = out.float() if isinstance(out, torch.Tensor) else torch.tensor(out, dtype=torch.float32)
         want[0], want[1] = t.shape[0], t.shape[1]
         received[row] = t
         used[w] = row

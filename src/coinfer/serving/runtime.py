@@ -52,6 +52,7 @@ def parse_decode_slack(value: float | int | str) -> float | str:
     Raises:
         CoinferError: anything else, naming the value.
     """
+    given = value
     if isinstance(value, str):
         text = value.strip().lower()
         if text == "auto":
@@ -63,7 +64,7 @@ def parse_decode_slack(value: float | int | str) -> float | str:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise CoinferError(f"decode slack must be 'auto' or milliseconds >= 0, got {value!r}")
     if not (math.isfinite(value) and value >= 0):
-        raise CoinferError(f"decode slack must be 'auto' or milliseconds >= 0, got {value!r}")
+        raise CoinferError(f"decode slack must be 'auto' or milliseconds >= 0, got {given!r}")
     return float(value)
 
 
