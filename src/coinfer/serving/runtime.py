@@ -46,6 +46,12 @@ MODES = ("coded", "uncoded", "replicated", "hedged")
 log = logging.getLogger("coinfer.serving")
 
 
+def _quiet_cancellations(record: logging.LogRecord) -> bool:
+    """Drop Serve's INFO lines about cancelled calls: the collector cancels the calls
+    it does not wait for on most requests (they are counted in the metrics instead)."""
+    return record.levelno > logging.INFO or "cancel" not in str(record.msg).lower()
+
+
 def parse_decode_slack(value: float | int | str) -> float | str:
     """A decode slack setting: ``"auto"`` or milliseconds ``>= 0`` (numbers or numeric strings).
 
@@ -200,6 +206,9 @@ class Runtime:
             rt._started_ray = True
             rt._local_ray = not config.address
         serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
+        serve_log = logging.getLogger("ray.serve")
+        if _quiet_cancellations not in serve_log.filters:
+            serve_log.addFilter(_quiet_cancellations)
         rt._deploy(list(rt.slots))
         return rt
 
