@@ -233,7 +233,7 @@ def test_a_burst_of_1000_concurrent_requests_is_answered_200_or_503_and_the_serv
     shed = [r for r in replies if r.status == 503]
     assert shed and codes.count(200) >= limit  # at least one full window was admitted
     assert all(r.error == "overloaded" and r.retry_after == "1" for r in shed)
-    assert f"coinfer_overloaded_total {len(shed)}" in client.metrics()
+    assert f"coinfer_overloaded_total {float(len(shed))}" in client.metrics()
     assert client.health()["status"] == "ok"
     assert client.predict(np.zeros((1, 64), dtype=np.float32))["batch"] == 1
 
@@ -258,3 +258,42 @@ def test_healthz_turns_degraded_when_recent_failures_leave_no_decodable_set_and_
     for _ in range(3):
         assert client.predict(x)["batch"] == 1
     assert httpx.get(server.url + "/healthz").json()["status"] == "ok"
+
+
+def test_worker_outputs_that_are_not_probabilities_get_a_502_never_a_200(server, client, admin):
+    # finite but huge inputs overflow inside the models: data model 1 answers NaN (the other
+    # two saturate to one-hot vectors); a 200 must never carry it
+    x = np.full((1, 64), 3e38, dtype=np.float32)
+    replies = {}
+    for mode in ("coded", "uncoded"):
+        resp = httpx.post(server.url + "/v1/predict", json={"inputs": x.tolist(), "mode": mode})
+        body = replies[mode] = resp.json()
+        if resp.status_code == 200:
+            p = np.array([o["probabilities"] for o in body["outputs"]])
+            assert np.isfinite(p).all() and np.allclose(p.sum(-1), 1, atol=1e-3)
+            assert any(r.startswith("bad_output: non-finite") for r in body["workers"]["failed"].values())
+        else:
+            assert resp.status_code == 502 and body["error"] == "bad_worker_output", body
+            assert "bad_output: non-finite values" in body["detail"]
+    # uncoded mode has nothing to decode from: the NaN data row gives the 502
+    assert replies["uncoded"]["error"] == "bad_worker_output"
+    assert replies["uncoded"]["failed"] == {"1": "bad_output: non-finite values (10 of 10)"}
+    assert client.predict(np.zeros((1, 64), dtype=np.float32))["outputs"][0]["probabilities"] is not None
+
+
+def test_decode_slack_is_set_through_the_admin_api_and_late_calls_are_cancelled(
+    server, client, admin, restore
+):
+    assert admin.config(decode_slack="auto")["decode_slack"] == "auto"
+    resp = httpx.post(server.admin_url + "/admin/config", json={"decode_slack": "soon"})
+    assert resp.status_code == 422 and "decode slack must be 'auto' or milliseconds" in resp.json()["detail"]
+    admin.inject([0], kind="constant", ms=300)
+    try:
+        admin.config(decode_slack=100)
+        t0 = time.perf_counter()
+        reply = client.predict(np.zeros((1, 64), dtype=np.float32), mode="coded")
+        assert 0.09 < time.perf_counter() - t0 < 0.29  # waited the 100 ms slack, not the 300 ms worker
+        assert reply["outputs"][0]["reconstructed"] and reply["workers"]["late"] == [0]
+    finally:
+        admin.config(decode_slack="auto")
+    assert 'coinfer_worker_cancelled_total{worker="0"}' in client.metrics()

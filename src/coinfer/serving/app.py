@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from coinfer.errors import CoinferError, DecodeError
-from coinfer.serving.collector import CollectError, Collection, CollectTimeout
+from coinfer.serving.collector import BadWorkerOutput, CollectError, Collection, CollectTimeout
 from coinfer.serving.injection import Injection
 from coinfer.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coinfer.serving.runtime import MODES, Runtime
@@ -178,6 +178,8 @@ def build_app(runtime: Runtime) -> FastAPI:
             res = await runtime.predict(x, mode)
         except CollectTimeout as exc:
             return _error(504, "timeout", str(exc), failed=exc.failed, pending=exc.pending)
+        except BadWorkerOutput as exc:  # workers answered NaN/inf or non-probabilities
+            return _error(502, "bad_worker_output", str(exc), failed=exc.failed, pending=exc.pending)
         except CollectError as exc:
             return _error(503, "no_decodable_set", str(exc), failed=exc.failed, pending=exc.pending)
         except DecodeError as exc:  # e.g. a worker answered NaN: the server's fault, not the client's
@@ -250,6 +252,9 @@ class ConfigRequest(BaseModel):
     mode: str | None = None
     timeout_s: float | None = None
     hedge_ms: float | None = None
+    decode_slack: float | str | None = Field(
+        None, description="Decode slack: milliseconds >= 0 or 'auto' (0: decode at the first decodable set)."
+    )
 
 
 def _is_loopback(request: Request) -> bool:
@@ -338,7 +343,7 @@ def build_admin_app(runtime: Runtime) -> FastAPI:
 
     @app.post("/admin/config")
     async def config(req: ConfigRequest) -> dict[str, Any]:
-        """Change the default mode, the request timeout or the hedging delay."""
+        """Change the default mode, the request timeout, the hedging delay or the decode slack."""
         if req.mode is not None:
             if req.mode not in MODES:
                 raise CoinferError(f"mode must be one of {list(MODES)}, got {req.mode!r}")
@@ -352,6 +357,8 @@ def build_admin_app(runtime: Runtime) -> FastAPI:
             if not req.hedge_ms >= 0:
                 raise CoinferError(f"hedge_ms must be >= 0, got {req.hedge_ms}")
             runtime.hedge_ms = req.hedge_ms
+        if req.decode_slack is not None:
+            runtime.set_decode_slack(req.decode_slack)
         return runtime.state()
 
     return app

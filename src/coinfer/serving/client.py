@@ -140,7 +140,7 @@ class AdminClient:
         return self._post("/admin/restart", {"worker": worker})
 
     def config(self, **settings: Any) -> dict[str, Any]:
-        """Set ``mode``, ``timeout_s`` or ``hedge_ms``."""
+        """Set ``mode``, ``timeout_s``, ``hedge_ms`` or ``decode_slack`` (ms or ``"auto"``)."""
         return self._post("/admin/config", settings)
 
     def close(self) -> None:

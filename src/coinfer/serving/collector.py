@@ -1,11 +1,17 @@
-"""The first-decodable-set collector: plain Python and asyncio, no Ray.
+"""The collector: plain Python and asyncio, no Ray.
 
 A request is sent to a set of workers. Each worker ``w`` produces the output of
 one *row* of the code's generator (``row_of[w]``): rows ``0..k-1`` are the data
 models, ``k..n-1`` the coded models, and a replica of data model ``j`` also
-produces row ``j``. The collector returns as soon as the rows that have arrived
-can be decoded (any ``k`` distinct rows of an MDS code), decodes the missing data
-rows with :meth:`Code.decode`, and drops the late workers.
+produces row ``j``. Once the rows that have arrived can be decoded (any ``k``
+distinct rows of an MDS code), the collector waits up to a *decode slack* for
+the data rows still missing (like erasure-coded storage, which reads parity
+only when a fragment is missing), then decodes whatever is still missing with
+:meth:`Code.decode` and cancels the calls it no longer needs.
+
+Every output it returns is checked: a received output that is not a finite
+``(B, C)`` probability vector per input counts as that worker failing
+(``bad_output: ...``) and the collector goes on with the others.
 
 The same loop runs every serving mode: ``coded`` sends to all ``n`` rows,
 ``uncoded`` to the ``k`` data rows, ``replicated`` to the data rows and to
@@ -16,7 +22,9 @@ replica of each data row still missing (see :class:`Plan`).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -26,7 +34,22 @@ import torch
 from coinfer.code import Code
 from coinfer.errors import CoinferError
 
-__all__ = ["Plan", "Collection", "CollectError", "CollectTimeout", "collect"]
+__all__ = [
+    "Plan",
+    "Collection",
+    "CollectError",
+    "CollectTimeout",
+    "BadWorkerOutput",
+    "LatencyTracker",
+    "SlackPolicy",
+    "check_probabilities",
+    "collect",
+]
+
+#: A decoded or received row must sum to 1 within this (float32 softmax sums are ~1e-6 off).
+SUM_TOL = 1e-3
+#: ... and hold no entry below ``-NEG_TOL``.
+NEG_TOL = 1e-6
 
 
 class CollectError(CoinferError):
@@ -45,6 +68,12 @@ class CollectError(CoinferError):
 
 class CollectTimeout(CollectError):
     """No decodable set arrived within the request timeout."""
+
+
+class BadWorkerOutput(CollectError):
+    """Workers answered with outputs that are not probability vectors (NaN, inf,
+    wrong shape, negative entries, rows not summing to 1), and what is left
+    cannot be decoded. The server's fault, not the client's (HTTP 502)."""
 
 
 @dataclass(frozen=True)
@@ -70,15 +99,20 @@ class Collection:
     """The outcome of one request.
 
     Attributes:
-        outputs: ``(k, B, C)`` data outputs; reconstructed rows are projected
-            onto the probability simplex.
+        outputs: ``(k, B, C)`` data outputs, each row a probability vector;
+            reconstructed rows are projected onto the probability simplex.
         reconstructed: for each data model, whether its output was decoded
             from other rows rather than received.
         used: worker -> row, the workers whose outputs were used.
         latency_s: worker -> seconds, for workers that answered in time.
-        failed: worker -> reason, for workers that failed or were down.
-        late: workers asked but not waited for.
+        failed: worker -> reason, for workers that failed, were down or
+            answered something that is not a probability vector.
+        late: workers asked but not waited for; their calls were cancelled.
         backups_sent: backup workers that were asked.
+        waited_s: time spent in the decode slack, waiting for missing data
+            rows after a decodable set had arrived (0 when there was no wait).
+        cancelled_s: worker -> seconds its call had run when it was cancelled
+            (a lower bound of its latency).
     """
 
     outputs: torch.Tensor
@@ -88,6 +122,133 @@ class Collection:
     failed: dict[int, str]
     late: list[int]
     backups_sent: list[int]
+    waited_s: float = 0.0
+    cancelled_s: dict[int, float] = field(default_factory=dict)
+
+
+def check_probabilities(out: object, shape: tuple[int | None, int | None] = (None, None)) -> str | None:
+    """Why ``out`` is not a ``(B, C)`` batch of probability vectors, or ``None`` if it is.
+
+    ``shape`` gives the expected ``B`` and ``C`` (``None``: any). A row is a
+    probability vector when every entry is finite and ``>= -NEG_TOL`` and the
+    row sums to 1 within ``SUM_TOL``.
+    """
+    if not isinstance(out, torch.Tensor | np.ndarray):
+        return f"not an array ({type(out).__name__})"
+    if out.ndim != 2:
+        return f"shape {tuple(out.shape)}, expected (batch, classes)"
+    for got, want, what in zip(out.shape, shape, ("batch", "classes"), strict=True):
+        if want is not None and got != want:
+            return f"shape {tuple(out.shape)}: {what} {got}, expected {want}"
+    if isinstance(out, torch.Tensor):
+        if not out.is_floating_point():
+            return f"dtype {out.dtype}, expected floating point"
+        a = out.detach().cpu().double().numpy()
+    else:
+        if out.dtype.kind != "f":
+            return f"dtype {out.dtype}, expected floating point"
+        a = out.astype(np.float64, copy=False)
+    finite = np.isfinite(a)
+    if not finite.all():
+        return f"non-finite values ({int((~finite).sum())} of {a.size})"
+    if a.size and float(a.min()) < -NEG_TOL:
+        return f"negative probabilities (min {float(a.min()):.3g})"
+    dev = np.abs(a.sum(-1) - 1)
+    if dev.size and float(dev.max()) > SUM_TOL:
+        return f"rows do not sum to 1 (off by up to {float(dev.max()):.3g})"
+    return None
+
+
+class LatencyTracker:
+    """Recent call latencies per worker, for the ``auto`` decode slack.
+
+    Each worker keeps its last ``window`` observations. A call that answered
+    (in time or late) records its latency; a call cancelled because its
+    request no longer needed it records the time it had run, a lower bound of
+    its latency (so a worker that is often cut off looks slow, never fast). A
+    call that failed records nothing.
+    """
+
+    def __init__(self, window: int = 256, quantile: float = 0.99, min_samples: int = 20) -> None:
+        if window < 1 or not 0 < quantile <= 1 or min_samples < 1:
+            raise CoinferError("window and min_samples must be >= 1 and quantile in (0, 1]")
+        self.window, self.q, self.min_samples = window, quantile, min_samples
+        self._obs: dict[int, deque[float]] = {}
+        self._cache: dict[int, float | None] = {}
+
+    def observe(self, worker: int, seconds: float) -> None:
+        """Record one call of ``worker`` that ran ``seconds`` (answered or cancelled)."""
+        if not math.isfinite(seconds) or seconds < 0:
+            return
+        d = self._obs.get(worker)
+        if d is None:
+            d = self._obs[worker] = deque(maxlen=self.window)
+        d.append(float(seconds))
+        self._cache.pop(worker, None)
+
+    def quantile(self, worker: int) -> float | None:
+        """The running ``quantile`` of ``worker``'s latency (``None`` with too few samples)."""
+        if worker not in self._cache:
+            d = self._obs.get(worker)
+            self._cache[worker] = (
+                float(np.quantile(np.fromiter(d, float), self.q))
+                if d and len(d) >= self.min_samples
+                else None
+            )
+        return self._cache[worker]
+
+    def snapshot(self) -> dict[int, dict[str, float | int | None]]:
+        """Per worker: samples, median and the tracked quantile (seconds)."""
+        out = {}
+        for w, d in sorted(self._obs.items()):
+            a = np.fromiter(d, float)
+            out[w] = {"samples": len(a), "median_s": float(np.median(a)), "quantile_s": self.quantile(w)}
+        return out
+
+
+@dataclass
+class SlackPolicy:
+    """How long to wait for missing data rows once a decodable set has arrived.
+
+    ``fixed_s`` set: always wait up to ``fixed_s`` seconds (0: decode at
+    once, the first-decodable-set behaviour). ``fixed_s`` ``None`` (``auto``):
+    wait until the request is as old as the ``tracker``'s running quantile
+    (q99 by default) of the missing data workers' recent latency, i.e. for as
+    long as those workers' answers normally take, but never more than
+    ``max_s`` after the decodable set arrived, and ``max_s`` as well while the
+    tracker has too few samples. A missing row already later than its q99 is a
+    straggler and is decoded at once.
+
+    Attributes:
+        fixed_s: fixed slack in seconds, or ``None`` for ``auto``.
+        tracker: latencies per worker (``auto`` only).
+        max_s: cap of the ``auto`` slack.
+        worker_of_row: data row -> the worker whose latency predicts it
+            (default: worker ``j`` serves row ``j``).
+    """
+
+    fixed_s: float | None = 0.0
+    tracker: LatencyTracker | None = None
+    max_s: float = 0.05
+    worker_of_row: Mapping[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.fixed_s is not None and not (self.fixed_s >= 0 and math.isfinite(self.fixed_s)):
+            raise CoinferError(f"decode slack must be a finite number of seconds >= 0, got {self.fixed_s}")
+        if not (self.max_s >= 0 and math.isfinite(self.max_s)):
+            raise CoinferError(f"the auto decode slack cap must be >= 0 seconds, got {self.max_s}")
+        if self.fixed_s is None and self.tracker is None:
+            self.tracker = LatencyTracker()
+
+    def slack(self, missing_rows: Sequence[int], age_s: float) -> float:
+        """Seconds to wait for ``missing_rows`` when the decodable set arrived ``age_s`` into the request."""
+        if self.fixed_s is not None:
+            return self.fixed_s
+        assert self.tracker is not None
+        qs = [self.tracker.quantile((self.worker_of_row or {}).get(j, j)) for j in missing_rows]
+        if not qs or any(q is None for q in qs):
+            return self.max_s
+        return min(self.max_s, max(0.0, max(qs) - age_s))  # type: ignore[type-var]
 
 
 def _describe(exc: BaseException) -> str:
@@ -107,29 +268,49 @@ async def collect(
     timeout_s: float,
     down: Mapping[int, str] | None = None,
     on_late: Callable[[int, float, BaseException | None], None] | None = None,
+    slack: SlackPolicy | float = 0.0,
+    shape: tuple[int | None, int | None] = (None, None),
 ) -> Collection:
-    """Ask workers for their outputs and return at the first decodable set.
+    """Ask workers for their outputs; decode only the data rows that do not arrive in time.
+
+    Once the arrived rows are decodable, the collector returns at once if all
+    ``k`` data rows are in; otherwise it waits up to ``slack`` (see
+    :class:`SlackPolicy`) for the missing data rows, and stops waiting early
+    when they have all arrived or none of them can arrive any more (their
+    workers failed), or at the request timeout. Then it decodes what is still
+    missing and cancels the calls still running (``late``).
 
     Args:
         code: the bundle's code.
         row_of: worker -> generator row (``0..n-1``) it produces.
         call: ``call(worker)`` returns an awaitable of that worker's
-            ``(B, C)`` probabilities.
+            ``(B, C)`` probabilities; the collector cancels it when the
+            request no longer needs it (the callable should then cancel the
+            remote call too).
         plan: primaries, backups and hedging delay.
         timeout_s: give up (:class:`CollectTimeout`) if no decodable set has
             arrived by then.
         down: workers known to be down (worker -> reason); they are not asked,
             and count as failed at once.
         on_late: called as ``on_late(worker, seconds, exception)`` when a
-            worker that was not waited for finishes (for metrics).
+            call not waited for finishes anyway before its cancellation takes
+            effect (for metrics).
+        slack: the decode slack: a :class:`SlackPolicy` or fixed seconds
+            (0: decode as soon as a decodable set has arrived).
+        shape: expected ``(B, C)`` of every output (``None``: any; the
+            first accepted output then fixes it).
 
     Raises:
+        BadWorkerOutput: outputs that are not probability vectors leave too
+            few rows to decode.
         CollectError: failures leave too few rows to decode (raised as soon as
             that is certain, not at the timeout).
         CollectTimeout: no decodable set within ``timeout_s``; names the
             workers that did not answer.
     """
+    policy = slack if isinstance(slack, SlackPolicy) else SlackPolicy(float(slack))
     down = dict(down or {})
+    want = list(shape)
     t0 = time.perf_counter()
     deadline = t0 + timeout_s
     tasks: dict[asyncio.Task, int] = {}
@@ -140,6 +321,8 @@ async def collect(
     failed: dict[int, str] = {}
     backups_left = dict(plan.backups)
     backups_sent: list[int] = []
+    decode_at: float | None = None  # end of the decode slack, once a decodable set is in
+    decodable_at = ended = t0
 
     def launch(w: int) -> None:
         if w in down:
@@ -161,52 +344,82 @@ async def collect(
         rows.update(row_of[b] for b in backups_left.values())
         return rows
 
-    def finish_late(task: asyncio.Task, w: int) -> None:
-        # keep late answers' latency for metrics and retrieve their exceptions
-        def done(t: asyncio.Task) -> None:
-            if t.cancelled():
-                return
-            exc = t.exception()
-            if on_late is not None:
-                on_late(w, time.perf_counter() - started[w], exc)
+    def cannot_decode() -> CollectError:
+        missing = sorted(set(range(code.n)) - reachable_rows())
+        bad = sorted(w for w, r in failed.items() if r.startswith("bad_output"))
+        cls = BadWorkerOutput if bad else CollectError
+        return cls(
+            f"cannot decode: workers {sorted(failed)} failed or are down "
+            f"({'; '.join(f'{w}: {r}' for w, r in sorted(failed.items()))}), so rows "
+            f"{missing} cannot arrive; a ({code.n}, {code.k}) code needs any {code.k} "
+            f"rows and tolerates at most r={code.r} missing",
+            failed,
+            sorted(tasks.values()),
+        )
 
-        task.add_done_callback(done)
+    def accept(w: int, out: object) -> None:
+        """Check a worker's answer; keep it if its row is still useful."""
+        latency[w] = time.perf_counter() - started[w]
+        row = row_of[w]
+        decodable = code.can_decode(list(received))
+        if row in received or (decodable and row >= code.k):
+            return  # not needed: not checked either, never used
+        if isinstance(out, list | tuple):
+            try:
+                out = np.asarray(out, dtype=np.float64)
+            except (ValueError, TypeError):
+                pass
+        why = check_probabilities(out, (want[0], want[1]))
+        if why is not None:
+            failed[w] = f"bad_output: {why}"
+            after_failure(w)
+            return
+        # one dtype for decoding (workers answer float32 softmax; a float64 answer is narrowed)
+        t = out.float() if isinstance(out, torch.Tensor) else torch.tensor(out, dtype=torch.float32)
+        want[0], want[1] = t.shape[0], t.shape[1]
+        received[row] = t
+        used[w] = row
 
     for w in plan.primary:
         launch(w)
     hedge_at = None if plan.hedge_after_s is None else t0 + plan.hedge_after_s
 
     try:
-        while not code.can_decode(list(received)):
-            if not code.can_decode(list(reachable_rows())):
-                missing = sorted(set(range(code.n)) - reachable_rows())
-                raise CollectError(
-                    f"cannot decode: workers {sorted(failed)} failed or are down "
-                    f"({'; '.join(f'{w}: {r}' for w, r in sorted(failed.items()))}), so rows "
-                    f"{missing} cannot arrive; a ({code.n}, {code.k}) code needs any {code.k} "
-                    f"rows and tolerates at most r={code.r} missing",
-                    failed,
-                    sorted(tasks.values()),
-                )
+        while True:
             now = time.perf_counter()
-            wake = deadline if hedge_at is None else min(deadline, hedge_at)
-            if now >= deadline:
-                pending = sorted(tasks.values())
-                raise CollectTimeout(
-                    f"no decodable set within {timeout_s:g}s: workers {pending} did not answer"
-                    + (f" and workers {sorted(failed)} failed" if failed else "")
-                    + f" (got rows {sorted(received)}, need any {code.k} of {code.n})",
-                    failed,
-                    pending,
-                )
-            if hedge_at is not None and now >= hedge_at:
-                hedge_at = None
-                for w in sorted(tasks.values()):
-                    b = backups_left.pop(w, None)
-                    if b is not None and row_of[b] not in received:
-                        backups_sent.append(b)
-                        launch(b)
-                continue
+            if code.can_decode(list(received)):
+                waiting = [j for j in range(code.k) if j not in received and j in reachable_rows()]
+                if decode_at is None:
+                    decodable_at = now
+                    if not waiting:
+                        ended = now
+                        break
+                    decode_at = min(deadline, now + policy.slack(waiting, now - t0))
+                if not waiting or now >= decode_at:
+                    ended = now
+                    break
+                wake = decode_at
+            else:
+                if not code.can_decode(list(reachable_rows())):
+                    raise cannot_decode()
+                if now >= deadline:
+                    pending = sorted(tasks.values())
+                    raise CollectTimeout(
+                        f"no decodable set within {timeout_s:g}s: workers {pending} did not answer"
+                        + (f" and workers {sorted(failed)} failed" if failed else "")
+                        + f" (got rows {sorted(received)}, need any {code.k} of {code.n})",
+                        failed,
+                        pending,
+                    )
+                if hedge_at is not None and now >= hedge_at:
+                    hedge_at = None
+                    for w in sorted(tasks.values()):
+                        b = backups_left.pop(w, None)
+                        if b is not None and row_of[b] not in received:
+                            backups_sent.append(b)
+                            launch(b)
+                    continue
+                wake = deadline if hedge_at is None else min(deadline, hedge_at)
             if not tasks:  # nothing in flight, but rows still reachable via backups
                 await asyncio.sleep(max(0.0, wake - now))
                 continue
@@ -220,18 +433,15 @@ async def collect(
                 if exc is not None:
                     failed[w] = _describe(exc)
                     after_failure(w)
-                    continue
-                latency[w] = time.perf_counter() - started[w]
-                row = row_of[w]
-                if row not in received and not code.can_decode(list(received)):
-                    out = task.result()
-                    received[row] = out if isinstance(out, torch.Tensor) else torch.tensor(out)
-                    used[w] = row
+                else:
+                    accept(w, task.result())
     finally:
-        for task, w in tasks.items():
-            finish_late(task, w)
+        cancelled_s = _cancel(tasks, started, on_late)
 
     outputs = code.decode(received, project=True)
+    why = check_probabilities(outputs.reshape(-1, outputs.shape[-1]))
+    if why is not None:  # cannot happen with checked inputs and projection; never answer it
+        raise BadWorkerOutput(f"decoded outputs are not probability vectors: {why}", failed, [])
     reconstructed = [j not in received for j in range(code.k)]
     return Collection(
         outputs=outputs,
@@ -241,4 +451,32 @@ async def collect(
         failed=failed,
         late=sorted(tasks.values()),
         backups_sent=backups_sent,
+        waited_s=max(0.0, ended - decodable_at),
+        cancelled_s=cancelled_s,
     )
+
+
+def _cancel(
+    tasks: Mapping[asyncio.Task, int],
+    started: Mapping[int, float],
+    on_late: Callable[[int, float, BaseException | None], None] | None,
+) -> dict[int, float]:
+    """Cancel the calls still running; return worker -> seconds each had run.
+
+    A call that completes before its cancellation takes effect is reported
+    through ``on_late`` (and its exception retrieved)."""
+    now = time.perf_counter()
+    ran: dict[int, float] = {}
+    for task, w in tasks.items():
+        ran[w] = now - started[w]
+
+        def done(t: asyncio.Task, w: int = w) -> None:
+            if t.cancelled():
+                return
+            exc = t.exception()
+            if on_late is not None:
+                on_late(w, time.perf_counter() - started[w], exc)
+
+        task.add_done_callback(done)
+        task.cancel()
+    return ran

@@ -48,6 +48,15 @@ def serve(
     mode: Annotated[str, typer.Option(help="Default mode: coded, uncoded, replicated, hedged.")] = "coded",
     timeout: Annotated[float, typer.Option(help="Request timeout in seconds.")] = 5.0,
     hedge_ms: Annotated[float, typer.Option(help="Hedged mode: delay before the backup request.")] = 20.0,
+    decode_slack: Annotated[
+        str,
+        typer.Option(
+            help="Once a decodable set has arrived, wait up to this long for missing data outputs before "
+            "decoding them: MS, or 'auto' (until the request is as old as the missing data workers' recent "
+            "q99 latency, at most --decode-slack-max-ms); 0 decodes at the first decodable set."
+        ),
+    ] = "auto",
+    decode_slack_max_ms: Annotated[float, typer.Option(help="Cap of the 'auto' decode slack, ms.")] = 50.0,
     baselines: Annotated[
         bool, typer.Option(help="Deploy the r extra replicas used by the replicated and hedged modes.")
     ] = True,
@@ -91,6 +100,8 @@ def serve(
         mode=mode,
         timeout_s=timeout,
         hedge_ms=hedge_ms,
+        decode_slack=decode_slack,
+        decode_slack_max_ms=decode_slack_max_ms,
         baselines=baselines,
         seed=seed,
         max_batch=max_request_batch,
@@ -146,13 +157,29 @@ def latency(
     seed: Annotated[int, typer.Option(help="Seed of arrivals and input choice.")] = 0,
     out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("runs/bench-latency.json"),
     plot: Annotated[Path | None, typer.Option(help="Latency CDF PNG (default: next to --out).")] = None,
+    decode_slack: Annotated[
+        str | None,
+        typer.Option(help="Set the server's decode slack (MS or 'auto') through --admin-url before the run."),
+    ] = None,
+    admin_url: Annotated[str, _URL_OPT] = "http://127.0.0.1:8001",
+    agreement: Annotated[
+        bool,
+        typer.Option(
+            help="Also run the server's data models here (its bundle path must be readable) and report how "
+            "often each served output's top-1 agrees with what its data model says."
+        ),
+    ] = True,
 ) -> None:
     """Open-loop Poisson load: p50/p90/p99/p99.9, gap, throughput, reconstructed fraction, accuracy."""
     import httpx
 
-    from coinfer.serving.loadgen import check_loopback, plot_cdf, run_load, summarize
+    from coinfer.serving.loadgen import check_loopback, plot_cdf, reference_top1, run_load, summarize
+    from coinfer.serving.runtime import parse_decode_slack
 
     check_loopback(url)
+    slack = None if decode_slack is None else parse_decode_slack(decode_slack)
+    if slack is not None:
+        check_loopback(admin_url)
     try:
         info = httpx.get(url.rstrip("/") + "/v1/models", timeout=10).json()
     except httpx.HTTPError as exc:
@@ -171,13 +198,24 @@ def latency(
             raise CoinferError(f"{data}: x has shape {x.shape}, the server expects (N, {shape})")
     else:
         x = np.random.default_rng(seed).standard_normal((256, *shape)).astype(np.float32)
+    if slack is not None:
+        from coinfer.serving.client import AdminClient
+
+        admin = AdminClient(admin_url)
+        try:
+            admin.config(decode_slack=slack)
+        finally:
+            admin.close()
+    reference = reference_top1(info["bundle"], x, info["k"]) if agreement else None
     console.print(
         f"{rate:g} req/s Poisson, up to {requests} requests / {duration:g}s, mode {mode or 'server default'}"
     )
     res = run_load(
         url, x, y, rate=rate, requests=requests, duration_s=duration, mode=mode, seed=seed, k=info["k"]
     )
-    summary = summarize(res)
+    summary = summarize(res, reference=reference)
+    if decode_slack is not None:
+        summary["decode_slack"] = decode_slack
     summary["latency_ms"] = [None if np.isnan(v) else round(float(v) * 1000, 4) for v in res.latency_s]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))
@@ -188,6 +226,11 @@ def latency(
     console.print(
         f"answered {summary['answered']}/{summary['sent']}, reconstructed {summary['reconstructed_fraction']:.3f}"
         + (f", accuracy {summary['accuracy']:.4f}" if "accuracy" in summary else "")
+        + (
+            f", agreement with the data models {summary['agreement']:.4f}"
+            if summary.get("agreement") is not None
+            else ""
+        )
         + (f", errors {summary['errors']}" if summary["errors"] else "")
     )
     console.print(f"wrote {out} and {plot}")

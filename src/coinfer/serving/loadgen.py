@@ -23,7 +23,16 @@ import numpy as np
 
 from coinfer.errors import CoinferError
 
-__all__ = ["LoadResult", "run_load", "summarize", "plot_cdf", "check_loopback", "BurstReply", "burst"]
+__all__ = [
+    "LoadResult",
+    "run_load",
+    "summarize",
+    "plot_cdf",
+    "check_loopback",
+    "reference_top1",
+    "BurstReply",
+    "burst",
+]
 
 
 def check_loopback(url: str) -> None:
@@ -50,6 +59,8 @@ class LoadResult:
     reconstructed_outputs: np.ndarray  # (N, k)
     labels: np.ndarray  # (N,) label of each request's input (-1 without labels)
     has_label: bool
+    top1: np.ndarray  # (N, k) served top-1 per data model (-1 for errors)
+    index: np.ndarray  # (N,) which input of x each request sent
     duration_s: float
     errors: dict[str, int]
     config: dict[str, Any]
@@ -84,6 +95,7 @@ async def _run(
     rec = np.zeros(n, dtype=bool)
     rec_out = np.zeros((n, k), dtype=bool)
     correct = np.zeros((n, k), dtype=bool)
+    top1 = np.full((n, k), -1, dtype=np.int64)
     errors: dict[str, int] = {}
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
@@ -119,6 +131,7 @@ async def _run(
             outs = resp.json()["outputs"]
             for j, o in enumerate(outs):
                 rec_out[i, j] = o["reconstructed"]
+                top1[i, j] = o["top1"][0]
                 if y is not None:
                     correct[i, j] = o["top1"][0] == int(y[idx[i]])
             rec[i] = rec_out[i].any()
@@ -133,6 +146,8 @@ async def _run(
         reconstructed_outputs=rec_out,
         labels=np.asarray(y)[idx].astype(np.int64) if y is not None else np.full(n, -1),
         has_label=y is not None,
+        top1=top1,
+        index=idx,
         duration_s=duration,
         errors=errors,
         config={
@@ -241,8 +256,48 @@ def burst(
     return asyncio.run(main())
 
 
-def summarize(res: LoadResult) -> dict[str, Any]:
-    """Percentiles (ms), gap, throughput, reconstructed fraction, served accuracy, errors."""
+def reference_top1(bundle: str | Path, x: np.ndarray, k: int, batch: int = 512) -> np.ndarray | None:
+    """``(N, k)`` top-1 of each of the bundle's data models on every input of ``x``,
+    computed here (``None`` when the bundle cannot be read from this machine)."""
+    import torch
+
+    from coinfer.bundle import Bundle
+
+    try:
+        b = Bundle.load(bundle)
+    except (OSError, CoinferError):
+        return None
+    if b.code.k != k:
+        return None
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    out = np.empty((len(x), k), dtype=np.int64)
+    with torch.inference_mode():
+        for j, m in enumerate(b.data_models):
+            m.eval()
+            for s in range(0, len(x), batch):
+                out[s : s + batch, j] = m(xt[s : s + batch]).argmax(-1).numpy()
+    return out
+
+
+def _mean(a: np.ndarray) -> float | None:
+    return float(a.mean()) if a.size else None
+
+
+def summarize(
+    res: LoadResult, reference: np.ndarray | None = None, tasks: list[list[int]] | None = None
+) -> dict[str, Any]:
+    """Percentiles (ms), gap, throughput, reconstructed fraction, served accuracy, errors.
+
+    Args:
+        res: the run.
+        reference: ``(len(x), k)`` top-1 of each data model on every input (see
+            :func:`reference_top1`): adds ``agreement`` (served top-1 equals the
+            data model's own), overall, on received and on reconstructed outputs
+            (with ``tasks``: on inputs of the model's own classes only).
+        tasks: the classes of each data model (class-split bundles): adds
+            ``task_accuracy``, the accuracy of each served output on inputs of
+            its model's classes only (also on received / reconstructed outputs).
+    """
     ok = ~np.isnan(res.latency_s)
     lat_ms = res.latency_s[ok] * 1000.0
     out: dict[str, Any] = {**res.config, "sent": int(len(res.status)), "answered": int(ok.sum())}
@@ -270,6 +325,24 @@ def summarize(res: LoadResult) -> dict[str, Any]:
         out["accuracy_per_model"] = [float(c) for c in corr.mean(axis=0)]
         out["accuracy_received"] = float(corr[~rec].mean()) if (~rec).any() else None
         out["accuracy_reconstructed"] = float(corr[rec].mean()) if rec.any() else None
+        if tasks is not None:
+            lab = res.labels[ok]
+            own = np.stack([np.isin(lab, t) for t in tasks], axis=1)  # (n_ok, k)
+            out["task_accuracy"] = _mean(corr[own])
+            out["task_accuracy_per_model"] = [_mean(corr[own[:, j], j]) for j in range(len(tasks))]
+            out["task_accuracy_received"] = _mean(corr[own & ~rec])
+            out["task_accuracy_reconstructed"] = _mean(corr[own & rec])
+    if reference is not None and ok.any():
+        agree = res.top1[ok] == reference[res.index[ok]]
+        rec = res.reconstructed_outputs[ok]
+        # with tasks, only where the model's answer means something: inputs of its own classes
+        mask = (
+            np.ones_like(rec) if tasks is None else np.stack([np.isin(res.labels[ok], t) for t in tasks], 1)
+        )
+        out["agreement"] = _mean(agree[mask])
+        out["agreement_received"] = _mean(agree[mask & ~rec])
+        out["agreement_reconstructed"] = _mean(agree[mask & rec])
+        out["reconstructed_outputs"] = int(rec.sum())
     return out
 
 

@@ -86,6 +86,12 @@ class Metrics:
             "Requests refused with 503 because too many were in flight.",
             registry=reg,
         )
+        self._worker_cancelled = Counter(
+            "coinfer_worker_cancelled_total",
+            "Calls cancelled because their request had answered or failed.",
+            ["worker"],
+            registry=reg,
+        )
 
     def request(self, mode: str, status: str, seconds: float | None = None) -> None:
         """Count a prediction request of ``mode`` with outcome ``status``; record its latency if given."""
@@ -99,6 +105,10 @@ class Metrics:
             self._worker_failures.labels(worker=str(worker)).inc()
         elif seconds is not None:
             self._worker_latency.labels(worker=str(worker)).observe(seconds)
+
+    def cancelled(self, worker: int) -> None:
+        """A call of ``worker`` cancelled because its request no longer needed it."""
+        self._worker_cancelled.labels(worker=str(worker)).inc()
 
     def reconstructed(self, mode: str, count: int) -> None:
         """Count ``count`` data outputs decoded instead of received."""

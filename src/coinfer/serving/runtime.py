@@ -39,14 +39,58 @@ import numpy as np
 from coinfer.architectures import check_trusted
 from coinfer.bundle import MANIFEST, Bundle
 from coinfer.errors import BundleError, CoinferError
-from coinfer.serving.collector import CollectError, Collection, CollectTimeout, Plan, collect
+from coinfer.serving.collector import (
+    CollectError,
+    Collection,
+    CollectTimeout,
+    LatencyTracker,
+    Plan,
+    SlackPolicy,
+    collect,
+)
 from coinfer.serving.injection import Injection
 from coinfer.serving.metrics import Metrics
 
-__all__ = ["MODES", "ServeConfig", "Runtime", "WorkerSlot", "WorkerRefused", "WorkerHealth"]
+__all__ = [
+    "MODES",
+    "ServeConfig",
+    "Runtime",
+    "WorkerSlot",
+    "WorkerRefused",
+    "WorkerHealth",
+    "parse_decode_slack",
+]
 
 MODES = ("coded", "uncoded", "replicated", "hedged")
 log = logging.getLogger("coinfer.serving")
+
+
+def _quiet_cancellations(record: logging.LogRecord) -> bool:
+    """Drop Serve's INFO lines about cancelled calls: the collector cancels the calls
+    it does not wait for on most requests (they are counted in the metrics instead)."""
+    return record.levelno > logging.INFO or "cancel" not in str(record.msg).lower()
+
+
+def parse_decode_slack(value: float | int | str) -> float | str:
+    """A decode slack setting: ``"auto"`` or milliseconds ``>= 0`` (numbers or numeric strings).
+
+    Raises:
+        CoinferError: anything else, naming the value.
+    """
+    given = value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        try:
+            value = float(text)
+        except ValueError:
+            raise CoinferError(f"decode slack must be 'auto' or milliseconds >= 0, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CoinferError(f"decode slack must be 'auto' or milliseconds >= 0, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise CoinferError(f"decode slack must be 'auto' or milliseconds >= 0, got {given!r}")
+    return float(value)
 
 
 @dataclass
@@ -63,6 +107,13 @@ class ServeConfig:
         mode: default mode of requests that do not name one.
         timeout_s: request timeout (no decodable set by then: an error).
         hedge_ms: delay before the ``hedged`` mode sends its backup requests.
+        decode_slack: once a decodable set has arrived, how long to wait for
+            the data outputs still missing before decoding them: milliseconds,
+            or ``"auto"`` (until the request is as old as the missing data
+            workers' recent q99 latency, see
+            :class:`coinfer.serving.collector.SlackPolicy`); ``0`` decodes at
+            the first decodable set.
+        decode_slack_max_ms: cap of the ``auto`` slack.
         baselines: deploy the r extra replicas used by ``replicated``/``hedged``.
         seed: seed of the injected delays.
         app_prefix: prefix of the Serve application names.
@@ -89,6 +140,8 @@ class ServeConfig:
     mode: str = "coded"
     timeout_s: float = 5.0
     hedge_ms: float = 20.0
+    decode_slack: float | str = "auto"
+    decode_slack_max_ms: float = 50.0
     baselines: bool = True
     seed: int = 0
     app_prefix: str = "coinfer"
@@ -113,6 +166,10 @@ class ServeConfig:
             raise CoinferError(
                 f"max_inflight must be >= 1 (or None for the default), got {self.max_inflight}"
             )
+
+        self.decode_slack = parse_decode_slack(self.decode_slack)
+        if not (math.isfinite(self.decode_slack_max_ms) and self.decode_slack_max_ms >= 0):
+            raise CoinferError(f"decode slack cap must be >= 0 ms, got {self.decode_slack_max_ms}")
 
     @property
     def inflight_limit(self) -> int:
@@ -210,6 +267,8 @@ class Runtime:
         self.mode = config.mode
         self.timeout_s = config.timeout_s
         self.hedge_ms = config.hedge_ms
+        self.decode_slack: float | str = config.decode_slack  # ms or "auto"
+        self.latency = LatencyTracker()  # recent worker-call latencies, for the auto slack
         self.injections: dict[int, Injection] = dict(config.injections)
         self.down: dict[int, str] = {}
         self.health = WorkerHealth()
@@ -257,6 +316,9 @@ class Runtime:
             rt._started_ray = True
             rt._local_ray = not config.address
         serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
+        serve_log = logging.getLogger("ray.serve")
+        if _quiet_cancellations not in serve_log.filters:
+            serve_log.addFilter(_quiet_cancellations)
         rt._deploy(list(rt.slots))
         return rt
 
@@ -369,11 +431,19 @@ class Runtime:
 
     async def _call(self, w: int, x: np.ndarray) -> np.ndarray:
         inj = self.injections.get(w)
-        return await self._handle(w).predict.remote(x, inj.to_dict() if inj and inj.active else None)
+        resp = self._handle(w).predict.remote(x, inj.to_dict() if inj and inj.active else None)
+        try:
+            return await resp
+        except asyncio.CancelledError:
+            # the collector no longer needs this call: cancelling the awaiting task
+            # does not stop the remote call, DeploymentResponse.cancel() does (best effort)
+            resp.cancel()
+            raise
 
     def _late(self, w: int, seconds: float, exc: BaseException | None) -> None:
         self.metrics.worker(w, seconds, failed=exc is not None)
         if exc is None:
+            self.latency.observe(w, seconds)
             self.health.success(w)
         else:
             self.health.failure(w, f"late call failed: {type(exc).__name__}")
@@ -388,6 +458,20 @@ class Runtime:
                 self.health.failure(w, reason)
         for w in silent:
             self.health.failure(w, f"no answer within the {self.timeout_s:g}s request timeout")
+
+    def set_decode_slack(self, value: float | str) -> None:
+        """Set the decode slack: milliseconds >= 0 or ``"auto"``."""
+        self.decode_slack = parse_decode_slack(value)
+
+    def slack_policy(self) -> SlackPolicy:
+        """The collector's decode-slack policy for the current setting."""
+        fixed = None if self.decode_slack == "auto" else float(self.decode_slack) / 1000.0
+        return SlackPolicy(
+            fixed_s=fixed,
+            tracker=self.latency,
+            max_s=self.config.decode_slack_max_ms / 1000.0,
+            worker_of_row={j: j for j in range(self.code.k)},
+        )
 
     async def predict(self, x: np.ndarray, mode: str | None = None) -> Collection:
         """Send ``x`` (``(B, *input_shape)`` float32) to the mode's workers; collect and decode.
@@ -407,6 +491,8 @@ class Runtime:
                 self.timeout_s,
                 down=self.down,
                 on_late=self._late,
+                slack=self.slack_policy(),
+                shape=(len(x), len(self.class_names) if self.class_names else None),
             )
         except CollectTimeout as exc:
             self.metrics.timeout(mode)
@@ -426,6 +512,10 @@ class Runtime:
         self.metrics.reconstructed(mode, sum(res.reconstructed))
         for w, s in res.latency_s.items():
             self.metrics.worker(w, s)
+            self.latency.observe(w, s)
+        for w, s in res.cancelled_s.items():  # neither a success nor a failure
+            self.metrics.cancelled(w)
+            self.latency.observe(w, s)  # a lower bound of its latency
         for w in res.failed:
             self.metrics.worker(w, None, failed=True)
         self._record_health(res.latency_s, res.failed)
@@ -576,6 +666,17 @@ class Runtime:
             "mode": self.mode,
             "timeout_s": self.timeout_s,
             "hedge_ms": self.hedge_ms,
+            "decode_slack": self.decode_slack,
+            "decode_slack_max_ms": self.config.decode_slack_max_ms,
+            "auto_slack": {
+                str(w): {
+                    "samples": v["samples"],
+                    "median_ms": round(1000 * v["median_s"], 3),
+                    "q99_ms": None if v["quantile_s"] is None else round(1000 * v["quantile_s"], 3),
+                }
+                for w, v in self.latency.snapshot().items()
+                if w < self.code.k
+            },
             "workers": [
                 {
                     "worker": w,
