@@ -462,6 +462,7 @@ def test_a_nan_data_output_is_a_failure_and_is_decoded_around():
     assert res.reconstructed == [True, False]
     assert torch.isfinite(res.outputs).all()
     assert torch.allclose(res.outputs, outs[:2], atol=1e-5)
+    assert 0 not in res.latency_s  # a bad answer is a failure, not an answer (health, metrics)
 
 
 def test_a_nan_output_that_no_decoding_would_need_is_still_refused():
@@ -533,6 +534,21 @@ def test_pending_calls_are_cancelled_on_timeout_and_on_failure():
 
         asyncio.run(main())
         assert sorted(t.cancelled) == sorted(w for w, d in delay.items() if d > 1)
+
+
+def test_a_failed_request_reports_its_answered_and_cancelled_calls():
+    # the runtime feeds these to the metrics and the health tracker even when the request fails
+    code = Code(2, 1)
+    t = Timed(_outputs(code), {0: 5.0, 1: 0.0, 2: 0.0}, fail={2})
+
+    async def main():
+        with pytest.raises(CollectTimeout) as ei:
+            await collect(code, {0: 0, 1: 1, 2: 2}, t.call, Plan((0, 1, 2)), 0.2)
+        return ei.value
+
+    exc = asyncio.run(main())
+    assert set(exc.latency_s) == {1} and set(exc.failed) == {2} and exc.pending == [0]
+    assert set(exc.cancelled_s) == {0} and 0.15 < exc.cancelled_s[0] < 1.0
 
 
 # ---------------------------------------------------------------- settings and the load report

@@ -33,8 +33,8 @@ SHAPE = (4,)
 class StubRuntime:
     """What the apps read from a Runtime; predict answers every data model with zeros."""
 
-    def __init__(self, max_body_bytes: int = LIMIT, max_batch: int = 4):
-        self.config = ServeConfig(Path("stub"), max_batch=max_batch, max_body_bytes=max_body_bytes)
+    def __init__(self, max_body_bytes: int = LIMIT, max_batch: int = 4, **config):
+        self.config = ServeConfig(Path("stub"), max_batch=max_batch, max_body_bytes=max_body_bytes, **config)
         self.input_shape = SHAPE
         self.mode = "coded"
         self.class_names = ["a", "b", "c"]
@@ -96,6 +96,46 @@ def _asgi_post(app, chunks: list[bytes], content_length: int | None) -> tuple[in
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return status, json.loads(body), consumed
+
+
+def test_a_body_that_stops_arriving_gets_a_408_and_frees_its_admission_slot():
+    rt = StubRuntime(max_inflight=1, body_timeout_s=0.2)
+    app = build_app(rt)
+    ok = json.dumps({"inputs": [1, 2, 3, 4]}).encode()
+
+    async def stalled_receive():
+        if not hasattr(stalled_receive, "sent"):
+            stalled_receive.sent = True
+            return {"type": "http.request", "body": ok[:5], "more_body": True}
+        await asyncio.Event().wait()  # the client never sends the rest (nor disconnects)
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/predict",
+        "raw_path": b"/v1/predict",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+    }
+    t0 = time.perf_counter()
+    asyncio.run(asyncio.wait_for(app(scope, stalled_receive, send), 5.0))
+    assert time.perf_counter() - t0 < 3.0
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+    assert status == 408 and body["error"] == "body_timeout" and "0.2s" in body["detail"]
+    status, _, _ = _asgi_post(app, [ok], content_length=len(ok))  # the one slot is free again
+    assert status == 200
 
 
 def test_a_content_length_over_the_limit_is_refused_before_the_body_is_read():

@@ -143,3 +143,23 @@ def test_the_predict_reply_keeps_its_openapi_schema(tmp_path):
     schema = op["responses"]["200"]["content"]["application/json"]["schema"]
     assert schema == {"$ref": "#/components/schemas/PredictResponse"}
     assert "overloaded" in op["responses"]["503"]["description"]
+
+
+def test_a_default_mode_that_needs_missing_replicas_is_refused_at_start(tmp_path):
+    from coinfer.errors import CoinferError
+
+    with pytest.raises(CoinferError, match="needs the baseline replicas"):
+        _runtime(tmp_path, mode="hedged", baselines=False)
+
+
+def test_only_coded_mode_feeds_cancelled_calls_to_the_decode_slack_tracker(tmp_path):
+    from types import SimpleNamespace
+
+    rt = _runtime(tmp_path)
+    cancelled = SimpleNamespace(latency_s={}, cancelled_s={0: 0.005}, failed={})
+    for _ in range(30):  # a data worker cut off because its replica answered first
+        rt._record_calls("replicated", cancelled)
+    assert 0 not in rt.latency.snapshot()
+    for _ in range(30):  # cut off by the decode slack: a lower bound of its latency
+        rt._record_calls("coded", cancelled)
+    assert rt.latency.snapshot()[0]["samples"] == 30

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import time
@@ -121,6 +122,7 @@ def build_app(runtime: Runtime) -> FastAPI:
         },
         responses={
             400: _err("Malformed body: JSON, nesting too deep, base64, .npy content, or fields."),
+            408: _err("The body did not arrive within the server's body timeout."),
             413: _err("Body or batch over the size limit."),
             422: _err("Wrong shape or dtype, NaN/inf, unknown mode."),
             502: _err("A worker returned an output that cannot be decoded."),
@@ -160,10 +162,17 @@ def build_app(runtime: Runtime) -> FastAPI:
 
     async def _predict(request: Request, t0: float) -> Response:
         try:
-            # bounded: Content-Length checked first, then a counted read of the stream
-            body = await read_body(
-                request.headers.get("content-length"), request.stream(), cfg.max_body_bytes
-            )
+            # bounded: Content-Length checked first, then a counted read of the stream, in a
+            # bounded time (a client that stops sending must not hold its admission slot)
+            try:
+                body = await asyncio.wait_for(
+                    read_body(request.headers.get("content-length"), request.stream(), cfg.max_body_bytes),
+                    cfg.body_timeout_s,
+                )
+            except TimeoutError:
+                raise RequestError(
+                    408, "body_timeout", f"the request body did not arrive within {cfg.body_timeout_s:g}s"
+                ) from None
             x, opts = parse_predict_request(body, runtime.input_shape, cfg.max_batch, cfg.max_body_bytes)
             mode = opts.get("mode", runtime.mode)
             if mode not in MODES:

@@ -58,12 +58,17 @@ class CollectError(CoinferError):
     Attributes:
         failed: worker -> reason, for workers that failed or were down.
         pending: workers that had not answered when the request gave up.
+        latency_s: worker -> seconds, for workers that answered (set by :func:`collect`).
+        cancelled_s: worker -> seconds run, for calls cancelled when the request
+            gave up (set by :func:`collect`).
     """
 
     def __init__(self, message: str, failed: Mapping[int, str], pending: Sequence[int]):
         super().__init__(message)
         self.failed = dict(failed)
         self.pending = list(pending)
+        self.latency_s: dict[int, float] = {}
+        self.cancelled_s: dict[int, float] = {}
 
 
 class CollectTimeout(CollectError):
@@ -358,11 +363,13 @@ async def collect(
         )
 
     def accept(w: int, out: object) -> None:
-        """Check a worker's answer; keep it if its row is still useful."""
-        latency[w] = time.perf_counter() - started[w]
+        """Check a worker's answer; keep it if its row is still useful. A bad
+        answer is a failure, not an answer: no latency is recorded for it."""
+        seconds = time.perf_counter() - started[w]
         row = row_of[w]
         decodable = code.can_decode(list(received))
         if row in received or (decodable and row >= code.k):
+            latency[w] = seconds
             return  # not needed: not checked either, never used
         if isinstance(out, list | tuple):
             try:
@@ -376,6 +383,7 @@ async def collect(
             return
         # one dtype for decoding (workers answer float32 softmax; a float64 answer is narrowed)
         t = out.float() if isinstance(out, torch.Tensor) else torch.tensor(out, dtype=torch.float32)
+        latency[w] = seconds
         want[0], want[1] = t.shape[0], t.shape[1]
         received[row] = t
         used[w] = row
@@ -384,6 +392,7 @@ async def collect(
         launch(w)
     hedge_at = None if plan.hedge_after_s is None else t0 + plan.hedge_after_s
 
+    cancelled_early = False
     try:
         while True:
             now = time.perf_counter()
@@ -435,8 +444,14 @@ async def collect(
                     after_failure(w)
                 else:
                     accept(w, task.result())
+    except CollectError as exc:  # the caller's metrics and health need what did happen
+        exc.latency_s = dict(latency)
+        exc.cancelled_s = _cancel(tasks, started, on_late)
+        cancelled_early = True
+        raise
     finally:
-        cancelled_s = _cancel(tasks, started, on_late)
+        if not cancelled_early:
+            cancelled_s = _cancel(tasks, started, on_late)
 
     outputs = code.decode(received, project=True)
     why = check_probabilities(outputs.reshape(-1, outputs.shape[-1]))

@@ -81,8 +81,12 @@ def serve(
             "Retry-After (default: 2 x max-batch-size x replicas)."
         ),
     ] = None,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds to receive a request body before answering 408.")
+    ] = 10.0,
 ) -> None:
-    """Serve a bundle over HTTP on Ray: every request goes to all workers, the first decodable set answers."""
+    """Serve a bundle over HTTP on Ray: every request goes to all workers; the data outputs
+    that are still missing once a decodable set and the decode slack have passed are decoded."""
     from coinfer.serving.injection import Injection, parse_delay
     from coinfer.serving.runtime import ServeConfig
     from coinfer.serving.server import Server, bind_sockets, start_runtime
@@ -109,6 +113,7 @@ def serve(
         trust_code=trust_code,
         max_condition=max_condition,
         max_inflight=max_inflight,
+        body_timeout_s=body_timeout,
     )
     manifest_n = None
     sockets = bind_sockets(host, port, admin_port)  # a port in use fails here, before Ray starts

@@ -124,6 +124,8 @@ class ServeConfig:
             without it such a bundle is refused before any worker starts.
         max_condition: largest decoding condition number accepted (default
             1e6); the manifest's recorded limit can only lower it.
+        body_timeout_s: longest time to receive a request body (then HTTP 408), so
+            a client that stops sending does not hold an admission slot.
         max_inflight: most prediction requests handled at once; more get a fast
             HTTP 503 ``overloaded`` (``None``: :attr:`inflight_limit`'s default,
             two full dynamic batches per worker replica).
@@ -148,6 +150,7 @@ class ServeConfig:
     max_batch: int = 1024
     max_body_bytes: int = 8 * 1024 * 1024
     max_inflight: int | None = None
+    body_timeout_s: float = 10.0
     injections: dict[int, Injection] = field(default_factory=dict)
     trust_code: bool = False
     max_condition: float | None = None
@@ -162,6 +165,8 @@ class ServeConfig:
             raise CoinferError(f"replicas must be >= 1, got {self.replicas}")
         if not self.timeout_s > 0:
             raise CoinferError(f"timeout must be > 0 seconds, got {self.timeout_s}")
+        if not (math.isfinite(self.body_timeout_s) and self.body_timeout_s > 0):
+            raise CoinferError(f"body timeout must be > 0 seconds, got {self.body_timeout_s}")
         if self.max_inflight is not None and self.max_inflight < 1:
             raise CoinferError(
                 f"max_inflight must be >= 1 (or None for the default), got {self.max_inflight}"
@@ -285,6 +290,7 @@ class Runtime:
                 w = n + j
                 self.slots[w] = WorkerSlot(w, j, "replica", f"{config.app_prefix}-w{w}")
         self.row_of = {w: s.row for w, s in self.slots.items()}
+        self.plan(self.mode)  # e.g. a default mode that needs the baseline replicas, without them
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -497,29 +503,39 @@ class Runtime:
         except CollectTimeout as exc:
             self.metrics.timeout(mode)
             self.metrics.request(mode, "timeout")
-            for w in exc.failed:
-                self.metrics.worker(w, None, failed=True)
-            self._record_health((), exc.failed, exc.pending)
+            self._record_calls(mode, exc)
+            self._record_health(exc.latency_s, exc.failed, exc.pending)
             raise
         except CoinferError as exc:
             self.metrics.request(mode, "failed")
-            for w in getattr(exc, "failed", {}):
-                self.metrics.worker(w, None, failed=True)
             if isinstance(exc, CollectError):
-                self._record_health((), exc.failed)
+                self._record_calls(mode, exc)
+                self._record_health(exc.latency_s, exc.failed)
             raise
         self.metrics.request(mode, "ok", time.perf_counter() - t0)
         self.metrics.reconstructed(mode, sum(res.reconstructed))
+        self._record_calls(mode, res)
+        self._record_health(res.latency_s, res.failed)
+        return res
+
+    def _record_calls(self, mode: str, res: Collection | CollectError) -> None:
+        """Per-worker metrics and latency samples of one request, answered or not.
+
+        A cancelled call is neither a success nor a failure; in ``coded`` mode
+        the time it had run is a lower bound of its latency and is fed to the
+        decode-slack tracker (so cutting a straggler off never makes it look
+        faster). In the other modes a data worker is cancelled when its replica
+        or backup won, at the winner's time, which says nothing about its own
+        latency: not fed."""
         for w, s in res.latency_s.items():
             self.metrics.worker(w, s)
             self.latency.observe(w, s)
-        for w, s in res.cancelled_s.items():  # neither a success nor a failure
+        for w, s in res.cancelled_s.items():
             self.metrics.cancelled(w)
-            self.latency.observe(w, s)  # a lower bound of its latency
+            if mode == "coded":
+                self.latency.observe(w, s)
         for w in res.failed:
             self.metrics.worker(w, None, failed=True)
-        self._record_health(res.latency_s, res.failed)
-        return res
 
     def health_report(self) -> dict[str, Any]:
         """Whether requests in the default mode can still be decoded, and why not.
