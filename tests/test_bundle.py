@@ -285,9 +285,53 @@ def test_save_refuses_an_existing_bundle_and_overwrite_leaves_no_stale_file(tmp_
     assert [p.name for p in tmp_path.iterdir()] == ["b"]  # no temporary or old directory left
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "x.txt").write_text("mine")
-    with pytest.raises(BundleError, match="not a bundle; refusing to replace it"):
+    with pytest.raises(BundleError, match=r"not a bundle \(it holds \[.x.txt.\]\); refusing to replace it"):
         _small_bundle().save(tmp_path / "notes", overwrite=True)
     assert (tmp_path / "notes" / "x.txt").read_text() == "mine"
+    (tmp_path / "app").mkdir()  # a manifest.json alone does not make a folder a bundle
+    (tmp_path / "app" / "manifest.json").write_text("{}")
+    (tmp_path / "app" / "precious.js").write_text("mine")
+    with pytest.raises(BundleError, match=r"not a bundle \(it holds \['precious.js'\]\)"):
+        _small_bundle().save(tmp_path / "app", overwrite=True)
+    assert (tmp_path / "app" / "precious.js").read_text() == "mine"
+
+
+def test_a_weights_file_far_larger_than_its_model_is_refused_before_it_is_read(tmp_path):
+    path = _small_bundle().save(tmp_path / "b")
+    with open(path / "data_0.safetensors", "r+b") as f:  # sparse: 3 GB that take no disk
+        f.truncate(3 * 2**30)
+    t0 = time.perf_counter()
+    with pytest.raises(BundleError, match="larger than the limit"):
+        Bundle.load(path)
+    assert time.perf_counter() - t0 < 10  # main read all 3 GB (17 s, 3.4 GB of memory) first
+
+
+def test_manifest_faults_are_bundle_errors_not_crashes(tmp_path):
+    path = _small_bundle().save(tmp_path / "b")
+    manifest = json.loads((path / "manifest.json").read_text())
+    for text in ("[" * 100_000, '{"k": ' + "9" * 5000 + "}"):  # deep nesting; a 5000-digit integer
+        (path / "manifest.json").write_text(text)
+        with pytest.raises(BundleError, match="not valid JSON"):
+            Bundle.load(path)
+    ragged = dict(manifest, code=dict(manifest["code"], weights=[[0.5, 0.5], [1.0]]))
+    (path / "manifest.json").write_text(json.dumps(ragged))
+    with pytest.raises(BundleError, match="ragged"):
+        Bundle.load(path)
+    few = dict(manifest, class_names=["a"])
+    (path / "manifest.json").write_text(json.dumps(few))
+    with pytest.raises(BundleError, match="class_names has 1 names but the models output"):
+        Bundle.load(path)
+
+
+def test_an_mlp_spec_with_a_huge_number_of_layers_is_refused_before_building(tmp_path):
+    path = _small_bundle().save(tmp_path / "b")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["architecture"] = {"name": "mlp", "kwargs": {"hidden": [1] * 100_000}}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    t0 = time.perf_counter()
+    with pytest.raises(BundleError, match="at most 64 hidden layers"):
+        Bundle.load(path)
+    assert time.perf_counter() - t0 < 10  # main built it twice: 57 s, 1 GB
 
 
 @pytest.mark.parametrize("existing", [False, True])

@@ -224,6 +224,23 @@ def test_cifar_missing_batch_and_not_a_dict(tmp_path):
         load_cifar10_batches(d)
 
 
+def test_a_cifar_batch_that_is_a_program_is_refused_without_running_it(tmp_path):
+    import os
+
+    d = _write_cifar(tmp_path / "c")
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(d / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": Payload(), b"labels": []}, f)
+    with pytest.raises(DataError, match="refusing to load posix.system"):
+        load_cifar10_batches(d)
+    assert not marker.exists()
+
+
 def test_load_dataset_names_and_errors(tmp_path):
     assert load_dataset("digits").x_train.shape[1] == 64
     with pytest.raises(DataError, match="unknown dataset"):

@@ -36,11 +36,17 @@ __all__ = [
 ]
 
 
+MAX_MLP_LAYERS = 64
+
+
 class MLP(nn.Module):
     """A plain multi-layer perceptron; flattens its input."""
 
     def __init__(self, in_features: int = 64, hidden: Sequence[int] = (64,), num_classes: int = 10):
         super().__init__()
+        if len(hidden) > MAX_MLP_LAYERS:
+            # a manifest's kwargs must not make building the model itself the attack
+            raise ValueError(f"an mlp has at most {MAX_MLP_LAYERS} hidden layers, got {len(hidden)}")
         layers: list[nn.Module] = [nn.Flatten()]
         d = in_features
         for h in hidden:

@@ -124,7 +124,7 @@ def load_model(
             the bytes that are then loaded).
     """
     spec = check_trusted(spec, trust_code, source=str(path))
-    raw = read_regular_file(path)
+    raw = read_regular_file(path, _max_file_bytes(spec, parity, path))
     if sha256 is not None:
         digest = hashlib.sha256(raw).hexdigest()
         if digest != sha256:
@@ -312,8 +312,8 @@ class Bundle:
             raise BundleError(f"{mf} is missing: {path} is not a coinfer bundle")
         try:
             manifest = json.loads(read_regular_file(mf, MAX_MANIFEST_BYTES))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BundleError(f"{mf} is not valid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # bad JSON, a 5000-digit integer, deep nesting
+            raise BundleError(f"{mf} is not valid JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
         if not isinstance(manifest, dict):
             raise BundleError(f"{mf} must hold a JSON object, got {type(manifest).__name__}")
         for key in ("format_version", "architecture", "code", "input_shape", "files"):
@@ -448,6 +448,7 @@ class Bundle:
             )
             for i, name in enumerate(expected)
         ]
+        check_class_count(models[0], manifest["input_shape"], manifest.get("class_names"), path)
         return cls(
             architecture=arch,
             code=code,
@@ -467,14 +468,31 @@ class Bundle:
             return {i: torch.softmax(self.model(i)(x), dim=-1) for i in idx}
 
 
-def _check_size(spec: dict[str, Any], file_bytes: int, path: str | Path) -> None:
-    """Refuse a registered architecture whose kwargs describe a model far larger
-    than its weights file (``hidden: [10**9]`` would exhaust memory before the
-    weights are found not to match): the model is first built on the ``meta``
-    device, which allocates nothing. A user's own (trusted) factory is not
-    called twice, so it is not checked here."""
-    if not is_registered(spec):
+def check_class_count(
+    model: nn.Module, input_shape: Sequence[int], class_names: Sequence[str] | None, where: str | Path
+) -> None:
+    """Refuse ``class_names`` whose length is not the number of classes the
+    model outputs (one forward pass of a zero input)."""
+    if class_names is None:
         return
+    try:
+        with torch.no_grad():
+            p = next(model.parameters(), None)
+            x = torch.zeros(1, *input_shape, device=p.device if p is not None else "cpu")
+            classes = model.eval()(x).shape[-1]
+    except Exception as exc:
+        raise BundleError(
+            f"{where}: the model cannot run an input of shape {list(input_shape)}: {exc}"
+        ) from None
+    if classes != len(class_names):
+        raise BundleError(
+            f"{where}: class_names has {len(class_names)} names but the models output {classes} classes"
+        )
+
+
+def _meta_bytes(spec: dict[str, Any], path: str | Path) -> int:
+    """Bytes of the weights of a registered architecture, from a build on the
+    ``meta`` device (allocates nothing)."""
     try:
         with torch.device("meta"):
             sd = build_model(spec).state_dict()
@@ -484,12 +502,38 @@ def _check_size(spec: dict[str, Any], file_bytes: int, path: str | Path) -> None
         raise BundleError(
             f"{path}: architecture {spec['name']!r} cannot be built from {spec['kwargs']}: {exc}"
         ) from None
-    need = sum(t.numel() * t.element_size() for t in sd.values())
+    return sum(t.numel() * t.element_size() for t in sd.values())
+
+
+def _max_file_bytes(spec: dict[str, Any], parity: Mapping[str, Any] | None, path: str | Path) -> int | None:
+    """The largest weights file worth reading for a registered architecture
+    (a heads parity holds at most one head per member on top of the trunk):
+    twice the weights plus 1 MiB of header per copy, so a huge (or sparse)
+    file is refused from its size, before a byte is read. ``None`` (no cap)
+    for a trusted factory."""
+    if not is_registered(spec):
+        return None
+    copies = 1 + (len(parity.get("members") or []) if isinstance(parity, Mapping) else 0)
+    return copies * (2 * _meta_bytes(spec, path) + (1 << 20))
+
+
+def _check_size(spec: dict[str, Any], file_bytes: int, path: str | Path) -> None:
+    """Refuse a registered architecture whose kwargs describe a model far larger
+    than its weights file (``hidden: [10**9]`` would exhaust memory before the
+    weights are found not to match): the model is first built on the ``meta``
+    device, which allocates nothing. A user's own (trusted) factory is not
+    called twice, so it is not checked here."""
+    if not is_registered(spec):
+        return
+    need = _meta_bytes(spec, path)
     if need > 2 * file_bytes + (1 << 20):
         raise BundleError(
             f"{path}: architecture {spec['name']!r} with kwargs {spec['kwargs']} needs {need} bytes of "
             f"weights but the file holds {file_bytes}; refusing to build it"
         )
+
+
+_BUNDLE_ENTRY = re.compile(r"manifest\.json|(data|coded)_\d+\.safetensors")
 
 
 def check_save_target(path: Path, overwrite: bool) -> None:
@@ -501,8 +545,13 @@ def check_save_target(path: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise BundleError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
-    if not (path / MANIFEST).is_file():
-        raise BundleError(f"{path} exists, is not empty and is not a bundle; refusing to replace it")
+    foreign = sorted(p.name for p in path.iterdir() if not _BUNDLE_ENTRY.fullmatch(p.name))
+    if not (path / MANIFEST).is_file() or foreign:
+        raise BundleError(
+            f"{path} exists, is not empty and is not a bundle"
+            + (f" (it holds {foreign[:5]})" if foreign else "")
+            + "; refusing to replace it"
+        )
 
 
 def _install(tmp: Path, path: Path, overwrite: bool) -> None:

@@ -159,10 +159,14 @@ class Code:
             _check_numbers(weights)
         elif weights.dtype.kind not in "fiu":
             raise CodeError(f"weights must be a numeric (r, k) matrix, got dtype {weights.dtype}")
-        if np.shape(weights) != (self.r, self.k):
+        try:
+            shape = np.shape(weights)
+        except ValueError:  # a ragged nested list
             raise CodeError(
-                f"weights must have shape (r, k) = ({self.r}, {self.k}), got {tuple(np.shape(weights))}"
-            )
+                f"weights must be an (r, k) = ({self.r}, {self.k}) matrix, got ragged rows"
+            ) from None
+        if shape != (self.r, self.k):
+            raise CodeError(f"weights must have shape (r, k) = ({self.r}, {self.k}), got {tuple(shape)}")
         try:
             w = np.array(weights, dtype=np.float64)
         except (TypeError, ValueError) as exc:

@@ -306,6 +306,27 @@ def load_idx_dataset(directory: str | Path, name: str = "mnist") -> Dataset:
     return from_arrays(_canonical(name), *arrays, source=str(d))
 
 
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and NumPy arrays only: a pickle is a program,
+    and a downloaded batch file must not be able to run one (``os.system`` in a
+    ``__reduce__``). The official CIFAR-10 batches need nothing else."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only arrays and plain containers")
+
+
 def load_cifar10_batches(directory: str | Path) -> Dataset:
     """CIFAR-10 python batches (``data_batch_1..5`` and ``test_batch`` in ``directory``)."""
     d = Path(directory)
@@ -318,7 +339,7 @@ def load_cifar10_batches(directory: str | Path) -> Dataset:
             raise DataError(f"CIFAR-10 batch {p} does not exist")
         try:
             with open(p, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
+                batch = _ArraysOnlyUnpickler(f, encoding="bytes").load()
         except Exception as exc:
             raise DataError(f"cannot unpickle CIFAR-10 batch {p}: {exc}") from None
         if not isinstance(batch, dict):

@@ -326,7 +326,26 @@ class Runtime:
         if _quiet_cancellations not in serve_log.filters:
             serve_log.addFilter(_quiet_cancellations)
         rt._deploy(list(rt.slots))
+        try:
+            rt._check_outputs()
+        except BaseException:
+            rt.shutdown()
+            raise
         return rt
+
+    def _check_outputs(self) -> None:
+        """One zero input through every worker: each must answer ``(1, C)`` with
+        C = the number of class names (a manifest whose class names do not fit
+        its models would otherwise fail every request with a 502)."""
+        x = np.zeros((1, *self.input_shape), dtype=np.float32)
+        for w, slot in sorted(self.slots.items()):
+            out = np.asarray(slot.handle.predict.remote(x, None).result(timeout_s=120))
+            classes = len(self.class_names) if self.class_names else out.shape[-1]
+            if out.ndim != 2 or out.shape != (1, classes):
+                raise BundleError(
+                    f"bundle {self.config.bundle}: worker {w} answers shape {out.shape} for one input, "
+                    f"expected (1, {classes})" + (" (one column per class name)" if self.class_names else "")
+                )
 
     def _application(self, slot: WorkerSlot):
         from coinfer.serving.worker import deployment
