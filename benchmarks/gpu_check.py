@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -34,12 +33,6 @@ PARTS = ("env", "pytest", "fisher", "encode", "serve", "tail")
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd: list[str], log: Path, timeout_s: float) -> dict:
@@ -143,30 +136,14 @@ def _gpu_processes() -> list[str]:
 
 def part_serve(args: argparse.Namespace) -> dict:
     """``coinfer serve --worker-gpus`` on the k = 2 bundle, then ``coinfer bench latency`` per mode."""
-    import httpx
+    from serving_latency import start_server  # benchmarks/serving_latency.py, beside this script
 
-    port, admin = _free_port(), _free_port()
     gpus = "0.2" if args.device == "cuda" else "0"
-    cmd = ["coinfer", "serve", str(args.bundle_k2), "--port", str(port), "--admin-port", str(admin)]
-    cmd += ["--worker-gpus", gpus, "--worker-cpus", "1"]
-    log = open(args.out / "serve_server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    res: dict = {"command": " ".join(cmd)}
+    extra = ["--worker-gpus", gpus, "--worker-cpus", "1"]
+    t0 = time.time()
+    proc, url, _ = start_server(args.bundle_k2, extra, args.out / "serve_server.log")
+    res: dict = {"serve_args": extra, "startup_seconds": round(time.time() - t0, 1)}
     try:
-        t0 = time.time()
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("server exited: " + (args.out / "serve_server.log").read_text()[-1500:])
-            if time.time() - t0 > 180:
-                raise RuntimeError("server did not answer /healthz within 180 s")
-            try:
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        res["startup_seconds"] = round(time.time() - t0, 1)
         res["gpu_processes"] = _gpu_processes()
         warm = ["coinfer", "bench", "latency", "--url", url, "--data", str(args.data), "--rate", "50"]
         warm += ["--requests", "100", "--mode", "coded", "--out", str(args.out / "serve_warmup.json")]
@@ -187,7 +164,6 @@ def part_serve(args: argparse.Namespace) -> dict:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-        log.close()
     return res
 
 
@@ -196,7 +172,8 @@ def part_tail(args: argparse.Namespace) -> dict:
     out = args.out / "tail"
     cmd = [sys.executable, "benchmarks/serving_latency.py", str(args.bundle_k4), "--data", str(args.data)]
     cmd += ["--rate", "15", "--requests", str(args.tail_requests), "--out", str(out)]
-    cmd += ["--serve-args", "--worker-cpus 1"]
+    cmd += ["--scenarios", "none,stragglers,slow-worker", "--modes", "coded,uncoded,replicated"]
+    cmd += ["--decode-slack", "0,auto", "--serve-args", "--worker-cpus 1"]
     res = _run(cmd, args.out / "tail.log", args.tail_timeout)
     if (out / "results.json").exists():
         r = json.loads((out / "results.json").read_text())

@@ -58,6 +58,24 @@ class StubRuntime:
         return {"status": "ok", "mode": self.mode, "down": [], "failing": [], "unavailable": {}}
 
 
+def _scope(headers: list[tuple[bytes, bytes]]) -> dict:
+    """The ASGI scope of a ``POST /v1/predict`` from a loopback client."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/predict",
+        "raw_path": b"/v1/predict",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
 def _asgi_post(app, chunks: list[bytes], content_length: int | None) -> tuple[int, dict, int]:
     """POST /v1/predict straight through ASGI; returns (status, JSON body, body bytes the app consumed)."""
     consumed = 0
@@ -78,20 +96,7 @@ def _asgi_post(app, chunks: list[bytes], content_length: int | None) -> tuple[in
     headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")]
     if content_length is not None:
         headers.append((b"content-length", str(content_length).encode()))
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/predict",
-        "raw_path": b"/v1/predict",
-        "query_string": b"",
-        "root_path": "",
-        "headers": headers,
-        "client": ("127.0.0.1", 5000),
-        "server": ("127.0.0.1", 8000),
-    }
+    scope = _scope(headers)
     asyncio.run(app(scope, receive, send))
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
@@ -114,20 +119,7 @@ def test_a_body_that_stops_arriving_gets_a_408_and_frees_its_admission_slot():
     async def send(message):
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/predict",
-        "raw_path": b"/v1/predict",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 5000),
-        "server": ("127.0.0.1", 8000),
-    }
+    scope = _scope([(b"host", b"127.0.0.1"), (b"content-type", b"application/json")])
     t0 = time.perf_counter()
     asyncio.run(asyncio.wait_for(app(scope, stalled_receive, send), 5.0))
     assert time.perf_counter() - t0 < 3.0
