@@ -78,9 +78,7 @@ def local_ray_server(bundle_dir, **config):
     from coinfer.serving.runtime import ServeConfig
     from coinfer.serving.server import serve_bundle
 
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    init_local_ray(4)
     srv = None
     try:
         srv = serve_bundle(ServeConfig(bundle_dir, **config))
@@ -90,3 +88,20 @@ def local_ray_server(bundle_dir, **config):
             srv.stop()
             srv.runtime.shutdown()
         ray.shutdown()
+
+
+def init_local_ray(num_cpus: int) -> None:
+    """A fresh local Ray instance. Ray gives its raylet a fixed 30 s to register
+    ("The current node timed out during startup"), which a loaded 2-core machine
+    can miss once: one retry."""
+    import ray
+
+    for attempt in (1, 2):
+        if ray.is_initialized():
+            ray.shutdown()
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
+            return
+        except Exception as exc:
+            if attempt == 2 or "timed out during startup" not in str(exc):
+                raise

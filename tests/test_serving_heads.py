@@ -10,7 +10,7 @@ import torch
 
 from coinfer import Bundle, Code, encode
 
-from .conftest import digits_specialists
+from .conftest import digits_specialists, init_local_ray
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -43,9 +43,7 @@ def test_heads_bundle_served_with_a_killed_worker_reconstructs_at_the_offline_ra
     offline_rate = float((offline == truth).mean())
     assert offline_rate > 0.9
 
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    init_local_ray(4)
     srv = None
     try:
         srv = serve_bundle(ServeConfig(path, timeout_s=5.0, max_batch=64, max_body_bytes=2_000_000))

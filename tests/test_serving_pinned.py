@@ -13,6 +13,8 @@ import torch
 
 from coinfer import Bundle, Code, build_model, encode
 
+from .conftest import init_local_ray
+
 ARCH = {"name": "mlp", "kwargs": {"in_features": 16, "hidden": [8], "num_classes": 5}}
 
 
@@ -26,9 +28,7 @@ def server(tmp_path):
     models = [build_model(ARCH) for _ in range(2)]
     coded = encode(models, Code(2, 1), torch.randn(32, 16), method="average")
     path = Bundle(ARCH, Code(2, 1), models, list(coded), (16,)).save(tmp_path / "bundle")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="WARNING")
+    init_local_ray(3)
     srv = None
     try:
         srv = serve_bundle(ServeConfig(path, timeout_s=3.0, baselines=False, app_prefix="pinned"))
