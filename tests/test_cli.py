@@ -238,6 +238,10 @@ def test_inspect_refuses_hostile_manifests_fast(monkeypatch, capsys, tmp_path, c
         code, _, err = run_cli(monkeypatch, capsys, "inspect", out)
         assert code == 1 and needle in err, err
         assert time.perf_counter() - t0 < 2.0
+    huge = {**good, "encoder": {**(good.get("encoder") or {}), "fisher_totals": [10**400]}}
+    (out / "manifest.json").write_text(json.dumps(huge))
+    code, text, err = run_cli(monkeypatch, capsys, "inspect", out)
+    assert code == 0 and "Fisher totals: (too large)" in text, err  # was an OverflowError traceback
 
 
 def test_inspect_of_a_large_code_examines_a_capped_number_of_patterns(monkeypatch, capsys, tmp_path):

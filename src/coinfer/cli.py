@@ -183,6 +183,15 @@ def encode(
         )
 
 
+def _num(value: float, spec: str = ".4g") -> str:
+    """A manifest number for display (a 400-digit integer from a hostile manifest
+    does not fit a float: shown as too large, not a traceback)."""
+    try:
+        return format(float(value), spec)
+    except OverflowError:
+        return "(too large)"
+
+
 @app.command()
 def inspect(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
@@ -202,7 +211,7 @@ def inspect(
     console.print(f"encoder: {enc.get('method')}  options: {enc.get('options')}")
     totals = enc.get("fisher_totals")
     if isinstance(totals, list) and all(isinstance(t, int | float) for t in totals):
-        console.print("Fisher totals: " + ", ".join(f"{t:.4g}" for t in totals))
+        console.print("Fisher totals: " + ", ".join(_num(t) for t in totals))
     console.print(f"code: k={code.k} r={code.r} n={code.n}  W={np.round(code.weights, 4).tolist()}")
     for j in range(code.r):
         st = Bundle.parity_structure(manifest, code.k + j, code)
@@ -210,7 +219,7 @@ def inspect(
             console.print(f"parity {j}: the architecture itself (parity cost 1.0)")
         else:
             cost = st.get("parity_cost")
-            cost_s = f"{cost:.3f}" if isinstance(cost, int | float) else "unknown"
+            cost_s = _num(cost, ".3f") if isinstance(cost, int | float) else "unknown"
             console.print(
                 f"parity {j}: {st['kind']} — trunk {st.get('trunk')}, split {st['split']!r}, "
                 f"heads of models {st['members']}, weights {np.round(st['weights'], 4).tolist()}, "
