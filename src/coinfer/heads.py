@@ -120,7 +120,8 @@ class HeadsParity(nn.Module):
             raise SplitError(f"mixture weights must be positive and finite, got {w.tolist()}")
         self.trunk = trunk
         self.heads = nn.ModuleList(heads)
-        self.register_buffer("log_weights", torch.log(w / w.sum()).float())
+        device = next((p.device for p in trunk.parameters()), torch.device("cpu"))
+        self.register_buffer("log_weights", torch.log(w / w.sum()).float().to(device))
         self.members = [int(i) for i in members]
         self.split = split
         if (shared is None) != (adapters is None) or (adapters is not None and len(adapters) != len(heads)):
@@ -157,7 +158,7 @@ class HeadsParity(nn.Module):
     def check_weights(self, weights: Sequence[float], tol: float = 1e-5) -> None:
         """Refuse a state whose mixture weights are not ``weights`` (e.g. a
         bundle's tensors disagreeing with its manifest)."""
-        have = torch.exp(self.log_weights.double())
+        have = torch.exp(self.log_weights.double().cpu())
         want = torch.as_tensor([float(v) for v in weights], dtype=torch.float64)
         if have.shape != want.shape or not torch.allclose(have, want / want.sum(), atol=tol, rtol=0):
             raise SplitError(
