@@ -124,7 +124,8 @@ def load_model(
             the bytes that are then loaded).
     """
     spec = check_trusted(spec, trust_code, source=str(path))
-    raw = read_regular_file(path, _max_file_bytes(spec, parity, path))
+    size = _weights_size(spec, parity, path)
+    raw = read_regular_file(path, None if size is None else size[1])
     if sha256 is not None:
         digest = hashlib.sha256(raw).hexdigest()
         if digest != sha256:
@@ -132,7 +133,13 @@ def load_model(
                 f"bundle file {path} is corrupted or was changed ({SHA256_MISMATCH}): its sha256 "
                 f"{digest[:12]}… is not the verified {sha256[:12]}…"
             )
-    _check_size(spec, len(raw), path)
+    if size is not None and size[0] > 2 * len(raw) + (1 << 20):
+        # kwargs describing a model far larger than its file (``hidden: [10**9]``) would
+        # exhaust memory before the weights were found not to match
+        raise BundleError(
+            f"{path}: architecture {spec['name']!r} with kwargs {spec['kwargs']} needs {size[0]} bytes of "
+            f"weights but the file holds {len(raw)}; refusing to build it"
+        )
     model = build_model(spec)
     if parity is not None:
         from coinfer.heads import build_parity
@@ -505,32 +512,20 @@ def _meta_bytes(spec: dict[str, Any], path: str | Path) -> int:
     return sum(t.numel() * t.element_size() for t in sd.values())
 
 
-def _max_file_bytes(spec: dict[str, Any], parity: Mapping[str, Any] | None, path: str | Path) -> int | None:
-    """The largest weights file worth reading for a registered architecture
-    (a heads parity holds at most one head per member on top of the trunk):
-    twice the weights plus 1 MiB of header per copy, so a huge (or sparse)
-    file is refused from its size, before a byte is read. ``None`` (no cap)
-    for a trusted factory."""
+def _weights_size(
+    spec: dict[str, Any], parity: Mapping[str, Any] | None, path: str | Path
+) -> tuple[int, int] | None:
+    """``(need, cap)`` for a registered architecture, from one build on ``meta``:
+    ``need`` the bytes of the weights its kwargs describe, ``cap`` the largest
+    file worth reading (twice the weights plus 1 MiB of header per copy; a heads
+    parity holds at most one head per member on top of the trunk), so a huge or
+    sparse file is refused from its size before a byte is read. ``None`` for a
+    trusted factory, which is not called twice."""
     if not is_registered(spec):
         return None
-    copies = 1 + (len(parity.get("members") or []) if isinstance(parity, Mapping) else 0)
-    return copies * (2 * _meta_bytes(spec, path) + (1 << 20))
-
-
-def _check_size(spec: dict[str, Any], file_bytes: int, path: str | Path) -> None:
-    """Refuse a registered architecture whose kwargs describe a model far larger
-    than its weights file (``hidden: [10**9]`` would exhaust memory before the
-    weights are found not to match): the model is first built on the ``meta``
-    device, which allocates nothing. A user's own (trusted) factory is not
-    called twice, so it is not checked here."""
-    if not is_registered(spec):
-        return
     need = _meta_bytes(spec, path)
-    if need > 2 * file_bytes + (1 << 20):
-        raise BundleError(
-            f"{path}: architecture {spec['name']!r} with kwargs {spec['kwargs']} needs {need} bytes of "
-            f"weights but the file holds {file_bytes}; refusing to build it"
-        )
+    copies = 1 + (len(parity.get("members") or []) if isinstance(parity, Mapping) else 0)
+    return need, copies * (2 * need + (1 << 20))
 
 
 _BUNDLE_ENTRY = re.compile(r"manifest\.json|(data|coded)_\d+\.safetensors")
