@@ -14,9 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from coinfer.errors import CoinferError, DecodeError
 from coinfer.serving.collector import BadWorkerOutput, CollectError, Collection, CollectTimeout
+from coinfer.serving.config import MODES
 from coinfer.serving.injection import Injection
 from coinfer.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from coinfer.serving.runtime import MODES, Runtime
+from coinfer.serving.runtime import Runtime
 from coinfer.serving.validation import RequestError, parse_predict_request, predict_request_schema, read_body
 
 __all__ = ["build_app", "build_admin_app"]
@@ -352,22 +353,9 @@ def build_admin_app(runtime: Runtime) -> FastAPI:
 
     @app.post("/admin/config")
     async def config(req: ConfigRequest) -> dict[str, Any]:
-        """Change the default mode, the request timeout, the hedging delay or the decode slack."""
-        if req.mode is not None:
-            if req.mode not in MODES:
-                raise CoinferError(f"mode must be one of {list(MODES)}, got {req.mode!r}")
-            runtime.plan(req.mode)
-            runtime.mode = req.mode
-        if req.timeout_s is not None:
-            if not req.timeout_s > 0:
-                raise CoinferError(f"timeout_s must be > 0, got {req.timeout_s}")
-            runtime.timeout_s = req.timeout_s
-        if req.hedge_ms is not None:
-            if not req.hedge_ms >= 0:
-                raise CoinferError(f"hedge_ms must be >= 0, got {req.hedge_ms}")
-            runtime.hedge_ms = req.hedge_ms
-        if req.decode_slack is not None:
-            runtime.set_decode_slack(req.decode_slack)
+        """Change the default mode, the request timeout, the hedging delay or the decode slack
+        (validated together by the same rules as at start; nothing changes if one is refused)."""
+        runtime.configure(**req.model_dump())
         return runtime.state()
 
     return app

@@ -30,8 +30,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,6 +47,7 @@ from coinfer.serving.collector import (
     SlackPolicy,
     collect,
 )
+from coinfer.serving.config import MODES, ServeConfig, check_settings, parse_decode_slack
 from coinfer.serving.injection import Injection
 from coinfer.serving.metrics import Metrics
 
@@ -61,7 +61,6 @@ __all__ = [
     "parse_decode_slack",
 ]
 
-MODES = ("coded", "uncoded", "replicated", "hedged")
 log = logging.getLogger("coinfer.serving")
 
 
@@ -69,125 +68,6 @@ def _quiet_cancellations(record: logging.LogRecord) -> bool:
     """Drop Serve's INFO lines about cancelled calls: the collector cancels the calls
     it does not wait for on most requests (they are counted in the metrics instead)."""
     return record.levelno > logging.INFO or "cancel" not in str(record.msg).lower()
-
-
-def parse_decode_slack(value: float | int | str) -> float | str:
-    """A decode slack setting: ``"auto"`` or milliseconds ``>= 0`` (numbers or numeric strings).
-
-    Raises:
-        CoinferError: anything else, naming the value.
-    """
-    given = value
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text == "auto":
-            return "auto"
-        try:
-            value = float(text)
-        except ValueError:
-            raise CoinferError(f"decode slack must be 'auto' or milliseconds >= 0, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise CoinferError(f"decode slack must be 'auto' or milliseconds >= 0, got {value!r}")
-    if not (math.isfinite(value) and value >= 0):
-        raise CoinferError(f"decode slack must be 'auto' or milliseconds >= 0, got {given!r}")
-    return float(value)
-
-
-@dataclass
-class ServeConfig:
-    """Settings of a serving runtime.
-
-    Attributes:
-        bundle: the bundle directory.
-        address: Ray cluster address to join (``None``: start a local Ray).
-        num_cpus: logical CPUs of a local Ray (default: enough for the workers).
-        worker_cpus, worker_gpus: Ray resources per worker replica.
-        replicas: Serve replicas per worker.
-        max_batch_size, batch_wait_ms: Serve dynamic batching per worker.
-        mode: default mode of requests that do not name one.
-        timeout_s: request timeout (no decodable set by then: an error).
-        hedge_ms: delay before the ``hedged`` mode sends its backup requests.
-        decode_slack: once a decodable set has arrived, how long to wait for
-            the data outputs still missing before decoding them: milliseconds,
-            or ``"auto"`` (until the request is as old as the missing data
-            workers' recent q99 latency, see
-            :class:`coinfer.serving.collector.SlackPolicy`); ``0`` decodes at
-            the first decodable set.
-        decode_slack_max_ms: cap of the ``auto`` slack.
-        baselines: deploy the r extra replicas used by ``replicated``/``hedged``.
-        seed: seed of the injected delays.
-        app_prefix: prefix of the Serve application names.
-        max_batch: largest accepted batch per HTTP request.
-        max_body_bytes: largest accepted HTTP body.
-        trust_code: allow a bundle whose architecture is code
-            (``package.module:factory``), imported and called in every worker;
-            without it such a bundle is refused before any worker starts.
-        max_condition: largest decoding condition number accepted (default
-            1e6); the manifest's recorded limit can only lower it.
-        body_timeout_s: longest time to receive a request body (then HTTP 408), so
-            a client that stops sending does not hold an admission slot.
-        max_inflight: most prediction requests handled at once; more get a fast
-            HTTP 503 ``overloaded`` (``None``: :attr:`inflight_limit`'s default,
-            two full dynamic batches per worker replica).
-    """
-
-    bundle: Path
-    address: str | None = None
-    num_cpus: float | None = None
-    worker_cpus: float = 0.25
-    worker_gpus: float = 0.0
-    replicas: int = 1
-    max_batch_size: int = 32
-    batch_wait_ms: float = 2.0
-    mode: str = "coded"
-    timeout_s: float = 5.0
-    hedge_ms: float = 20.0
-    decode_slack: float | str = "auto"
-    decode_slack_max_ms: float = 50.0
-    baselines: bool = True
-    seed: int = 0
-    app_prefix: str = "coinfer"
-    max_batch: int = 1024
-    max_body_bytes: int = 8 * 1024 * 1024
-    max_inflight: int | None = None
-    body_timeout_s: float = 10.0
-    injections: dict[int, Injection] = field(default_factory=dict)
-    trust_code: bool = False
-    max_condition: float | None = None
-
-    def __post_init__(self) -> None:
-        self.bundle = Path(self.bundle)
-        if self.mode not in MODES:
-            raise CoinferError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
-        if self.worker_cpus < 0 or self.worker_gpus < 0:
-            raise CoinferError("worker CPUs and GPUs must be >= 0")
-        if self.replicas < 1:
-            raise CoinferError(f"replicas must be >= 1, got {self.replicas}")
-        if not self.timeout_s > 0:
-            raise CoinferError(f"timeout must be > 0 seconds, got {self.timeout_s}")
-        if not (math.isfinite(self.body_timeout_s) and self.body_timeout_s > 0):
-            raise CoinferError(f"body timeout must be > 0 seconds, got {self.body_timeout_s}")
-        if self.max_inflight is not None and self.max_inflight < 1:
-            raise CoinferError(
-                f"max_inflight must be >= 1 (or None for the default), got {self.max_inflight}"
-            )
-
-        self.decode_slack = parse_decode_slack(self.decode_slack)
-        if not (math.isfinite(self.decode_slack_max_ms) and self.decode_slack_max_ms >= 0):
-            raise CoinferError(f"decode slack cap must be >= 0 ms, got {self.decode_slack_max_ms}")
-
-    @property
-    def inflight_limit(self) -> int:
-        """The admission bound: :attr:`max_inflight`, or by default
-        ``2 * max_batch_size * replicas``.
-
-        Every request goes to every worker of its mode, so each worker sees all
-        requests in flight; two full dynamic batches per replica (one running,
-        one filling) keep the batching at its best, and more requests in flight
-        only wait in Serve's queues, adding latency but no throughput."""
-        if self.max_inflight is not None:
-            return self.max_inflight
-        return 2 * self.max_batch_size * self.replicas
 
 
 class WorkerHealth:
@@ -284,11 +164,11 @@ class Runtime:
         self._local_ray = False  # ... and started a local instance (not a cluster)
         k, r, n = self.code.k, self.code.r, self.code.n
         for i in range(n):
-            self.slots[i] = WorkerSlot(i, i, "data" if i < k else "coded", f"{config.app_prefix}-w{i}")
+            self.slots[i] = WorkerSlot(i, i, "data" if i < k else "coded", f"coinfer-w{i}")
         if config.baselines:
             for j in range(min(r, k)):
                 w = n + j
-                self.slots[w] = WorkerSlot(w, j, "replica", f"{config.app_prefix}-w{w}")
+                self.slots[w] = WorkerSlot(w, j, "replica", f"coinfer-w{w}")
         self.row_of = {w: s.row for w, s in self.slots.items()}
         self.plan(self.mode)  # e.g. a default mode that needs the baseline replicas, without them
 
@@ -359,7 +239,7 @@ class Runtime:
             "cuda" if c.worker_gpus > 0 else "cpu",
             max(1, int(c.worker_cpus)),
             c.max_batch_size,
-            c.batch_wait_ms / 1000.0,
+            0.002,
             c.seed,
             k=self.code.k,
             sha256=self.pins[Bundle.filename(slot.row, self.code.k)],
@@ -487,6 +367,15 @@ class Runtime:
     def set_decode_slack(self, value: float | str) -> None:
         """Set the decode slack: milliseconds >= 0 or ``"auto"``."""
         self.decode_slack = parse_decode_slack(value)
+
+    def configure(self, **settings: Any) -> None:
+        """Change live settings (:data:`coinfer.serving.config.LIVE_SETTINGS`; ``None``: unchanged),
+        validated by :func:`coinfer.serving.config.check_settings`, all or none."""
+        checked = check_settings(**settings)
+        if "mode" in checked:
+            self.plan(checked["mode"])  # e.g. a mode that needs baseline replicas that are not there
+        for name, value in checked.items():
+            setattr(self, name, value)
 
     def slack_policy(self) -> SlackPolicy:
         """The collector's decode-slack policy for the current setting."""
