@@ -62,24 +62,35 @@ def test_tracker_flags_a_worker_after_threshold_consecutive_failures_and_one_ans
         WorkerHealth(threshold=0)
 
 
+def _record(rt: Runtime, answered=(), failed=None, silent=()) -> None:
+    """One request's accounting: workers that answered, failed (worker: reason), or were silent at a timeout."""
+    import time
+
+    from coinfer.serving.collector import CollectTimeout
+
+    exc = (CollectTimeout if silent else CollectError)("no decodable set", failed or {}, list(silent))
+    exc.latency_s = {w: 0.001 for w in answered}
+    rt._account("coded", 1, time.perf_counter(), exc)
+
+
 def test_health_report_is_degraded_when_the_usable_workers_cannot_decode(tmp_path):
     rt = _runtime(tmp_path)
     assert rt.health_report()["status"] == "ok"
     for _ in range(3):
-        rt._record_health((), {0: "InjectedFailure: injected failure in worker 0"})
+        _record(rt, failed={0: "InjectedFailure: injected failure in worker 0"})
     rep = rt.health_report()
     assert rep["status"] == "ok" and rep["failing"] == [0] and rep["usable_rows"] == [1, 2]
     for _ in range(3):
-        rt._record_health((2,), {1: "InjectedFailure: injected failure in worker 1"})
+        _record(rt, (2,), {1: "InjectedFailure: injected failure in worker 1"})
     rep = rt.health_report()
     assert rep["status"] == "degraded" and rep["failing"] == [0, 1]
     assert set(rep["unavailable"]) == {"0", "1"} and "worker 1" in rep["unavailable"]["1"]
-    rt._record_health((0, 1), {})  # one answer each clears them
+    _record(rt, (0, 1))  # one answer each clears them
     assert rt.health_report()["status"] == "ok"
     # killed workers count too; a worker silent at a timeout is a failure
     rt.down[2] = "killed"
     for _ in range(3):
-        rt._record_health((), {}, silent=(1,))
+        _record(rt, silent=(1,))
     rep = rt.health_report()
     assert rep["status"] == "degraded" and rep["down"] == [2]
     assert rep["unavailable"]["2"] == "down (killed)" and "timeout" in rep["unavailable"]["1"]
@@ -153,13 +164,12 @@ def test_a_default_mode_that_needs_missing_replicas_is_refused_at_start(tmp_path
 
 
 def test_only_coded_mode_feeds_cancelled_calls_to_the_decode_slack_tracker(tmp_path):
-    from types import SimpleNamespace
-
     rt = _runtime(tmp_path)
-    cancelled = SimpleNamespace(latency_s={}, cancelled_s={0: 0.005}, failed={})
+    cancelled = CollectError("cut off", {}, [])
+    cancelled.cancelled_s = {0: 0.005}
     for _ in range(30):  # a data worker cut off because its replica answered first
-        rt._record_calls("replicated", cancelled)
+        rt._account("replicated", 1, 0.0, cancelled)
     assert 0 not in rt.latency.snapshot()
     for _ in range(30):  # cut off by the decode slack: a lower bound of its latency
-        rt._record_calls("coded", cancelled)
+        rt._account("coded", 1, 0.0, cancelled)
     assert rt.latency.snapshot()[0]["samples"] == 30

@@ -5,7 +5,6 @@ reason, while the other workers keep answering (its output reconstructed)."""
 from __future__ import annotations
 
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -31,7 +30,7 @@ def server(tmp_path):
     init_local_ray(3)
     srv = None
     try:
-        srv = serve_bundle(ServeConfig(path, timeout_s=3.0, baselines=False, app_prefix="pinned"))
+        srv = serve_bundle(ServeConfig(path, timeout_s=3.0, baselines=False))
         yield srv, path
     finally:
         if srv is not None:
@@ -42,8 +41,6 @@ def server(tmp_path):
 
 @pytest.mark.ray
 def test_a_worker_restarted_on_a_changed_bundle_refuses_it_and_stays_down(server):
-    from ray import serve
-
     from coinfer import Client
     from coinfer.serving.client import AdminClient, ServerError
 
@@ -60,15 +57,13 @@ def test_a_worker_restarted_on_a_changed_bundle_refuses_it_and_stays_down(server
     admin = AdminClient(srv.admin_url)
     with Client(srv.url) as client:
         admin.kill(0)
-        t0 = time.perf_counter()
         with pytest.raises(ServerError) as ei:
             admin.restart(0)
-        assert time.perf_counter() - t0 < 30  # noticed from Serve's status, not a 120 s wait
         assert ei.value.status == 409 and ei.value.reason == "worker_refused"
         assert "sha256 mismatch" in ei.value.detail and "data_0.safetensors" in ei.value.detail
         down = {w["worker"]: w["down"] for w in admin.state()["workers"]}
         assert "sha256 mismatch" in down[0] and down[1] is None and down[2] is None
-        assert "pinned-w0" not in serve.status().applications  # kept down: no replica retried
+        assert srv.runtime.pool.addresses(0) == []  # kept down: no process of worker 0 left running
         assert client.health()["down"] == [0]
         for _ in range(3):
             reply = client.predict(x)
@@ -83,33 +78,3 @@ def test_a_worker_restarted_on_a_changed_bundle_refuses_it_and_stays_down(server
         assert not reply["outputs"][0]["reconstructed"]
         np.testing.assert_allclose(reply["outputs"][0]["probabilities"], want[0].numpy(), atol=1e-5)
     admin.close()
-
-
-def test_a_refused_replica_is_read_from_serves_deployment_status(monkeypatch, tmp_path):
-    """Without Ray: what restart learns from ``serve.status()``."""
-    from types import SimpleNamespace
-
-    from ray import serve
-
-    from coinfer.serving.runtime import Runtime, ServeConfig
-
-    torch.manual_seed(0)
-    models = [build_model(ARCH) for _ in range(2)]
-    path = Bundle(ARCH, Code(2, 1), models, [build_model(ARCH)], (16,)).save(tmp_path / "b")
-    rt = Runtime(ServeConfig(path, app_prefix="p"), Bundle.read_manifest(path))
-    error = (
-        "A replica failed to start with exception. Retrying. Error:\nTraceback (most recent call last):\n"
-        '  File "worker.py", line 75\ncoinfer.errors.BundleError: bundle file /b/data_0.safetensors is '
-        "corrupted or was changed (sha256 mismatch): its sha256 aaa… is not the verified bbb…\n"
-    )
-    apps = {}
-    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications=apps))
-    assert rt.startup_failure(0) is None  # no application: nothing reported
-    dep = SimpleNamespace(status=SimpleNamespace(value="UNHEALTHY"), message=error)
-    apps["p-w0"] = SimpleNamespace(deployments={"worker0": dep})
-    assert rt.startup_failure(0).startswith("coinfer.errors.BundleError: bundle file /b/data_0")
-    assert "sha256 mismatch" in rt.startup_failure(0)
-    dep.status = SimpleNamespace(value="HEALTHY")  # a stale message of a healthy deployment
-    assert rt.startup_failure(0) is None
-    dep.status, dep.message = SimpleNamespace(value="UNHEALTHY"), "A replica's health check failed."
-    assert rt.startup_failure(0) is None  # a dead replica being replaced is not a refusal

@@ -1,8 +1,11 @@
 """Erasure-coded serving on Ray.
 
 * :mod:`~coinfer.serving.collector` — first decodable set, plain Python.
-* :mod:`~coinfer.serving.worker` — one model as a Ray Serve deployment with ``@serve.batch``.
-* :mod:`~coinfer.serving.runtime` — Ray, the workers, the modes, admin actions.
+* :mod:`~coinfer.serving.config` — :class:`ServeConfig` and its validator.
+* :mod:`~coinfer.serving.wire` / :mod:`~coinfer.serving.channel` — the data plane's frames and connections.
+* :mod:`~coinfer.serving.worker` — one model behind a socket, worker-side batching (a Ray actor).
+* :mod:`~coinfer.serving.pool` — the control plane: worker processes on Ray.
+* :mod:`~coinfer.serving.runtime` — the request path (plan, fan-out, collect, accounting) and admin actions.
 * :mod:`~coinfer.serving.app` / :mod:`~coinfer.serving.server` — the HTTP API.
 * :mod:`~coinfer.serving.client` — :class:`Client`.
 * :mod:`~coinfer.serving.loadgen` — open-loop Poisson load generator.

@@ -343,7 +343,7 @@ def build_admin_app(runtime: Runtime) -> FastAPI:
 
     @app.post("/admin/restart")
     async def restart(req: WorkerRequest) -> dict[str, Any]:
-        """Wait for Serve to replace a killed worker, then use it again."""
+        """Start new processes for a worker (pinned to the verified file), then use it again."""
         from coinfer.serving.runtime import WorkerRefused
 
         try:

@@ -164,48 +164,67 @@ def check_probabilities(out: object, shape: tuple[int | None, int | None] = (Non
     return None
 
 
-class LatencyTracker:
-    """Recent call latencies per worker, for the ``auto`` decode slack.
+def _bucket(rows: int) -> int:
+    """Batch sizes tracked together: 1, 2-3, 4-7, 8-15, ... rows."""
+    return max(1, int(rows)).bit_length()
 
-    Each worker keeps its last ``window`` observations. A call that answered
-    (in time or late) records its latency; a call cancelled because its
-    request no longer needed it records the time it had run, a lower bound of
-    its latency (so a worker that is often cut off looks slow, never fast). A
-    call that failed records nothing.
+
+class LatencyTracker:
+    """Recent call latencies per worker and batch size, for the ``auto`` decode slack.
+
+    Each worker keeps its last ``window`` observations per batch-size bucket (1,
+    2-3, 4-7, ... rows), so a large batch is judged by large batches. A call
+    that answered (in time or late) records its latency; a call cancelled
+    because its request no longer needed it records the time it had run, a
+    lower bound of its latency (so a worker that is often cut off looks slow,
+    never fast). A call that failed records nothing.
     """
 
     def __init__(self, window: int = 256, quantile: float = 0.99, min_samples: int = 20) -> None:
         if window < 1 or not 0 < quantile <= 1 or min_samples < 1:
             raise CoinferError("window and min_samples must be >= 1 and quantile in (0, 1]")
         self.window, self.q, self.min_samples = window, quantile, min_samples
-        self._obs: dict[int, deque[float]] = {}
-        self._cache: dict[int, float | None] = {}
+        self._obs: dict[tuple[int, int], deque[float]] = {}
+        self._cache: dict[tuple[int, int], tuple[float, float] | None] = {}
 
-    def observe(self, worker: int, seconds: float) -> None:
-        """Record one call of ``worker`` that ran ``seconds`` (answered or cancelled)."""
+    def observe(self, worker: int, seconds: float, rows: int = 1) -> None:
+        """Record one call of ``worker`` on ``rows`` inputs that ran ``seconds`` (answered or cancelled)."""
         if not math.isfinite(seconds) or seconds < 0:
             return
-        d = self._obs.get(worker)
+        key = (worker, _bucket(rows))
+        d = self._obs.get(key)
         if d is None:
-            d = self._obs[worker] = deque(maxlen=self.window)
+            d = self._obs[key] = deque(maxlen=self.window)
         d.append(float(seconds))
-        self._cache.pop(worker, None)
+        self._cache.pop(key, None)
 
-    def quantile(self, worker: int) -> float | None:
-        """The running ``quantile`` of ``worker``'s latency (``None`` with too few samples)."""
-        if worker not in self._cache:
-            d = self._obs.get(worker)
-            self._cache[worker] = (
-                float(np.quantile(np.fromiter(d, float), self.q))
-                if d and len(d) >= self.min_samples
-                else None
-            )
-        return self._cache[worker]
+    def _stats(self, worker: int, rows: int) -> tuple[float, float] | None:
+        key = (worker, _bucket(rows))
+        if key not in self._cache:
+            d = self._obs.get(key)
+            if d and len(d) >= self.min_samples:
+                a = np.fromiter(d, float)
+                self._cache[key] = (float(np.quantile(a, self.q)), float(np.median(a)))
+            else:
+                self._cache[key] = None
+        return self._cache[key]
+
+    def quantile(self, worker: int, rows: int = 1) -> float | None:
+        """The running ``quantile`` of ``worker``'s latency on batches like ``rows`` (``None``: too few samples)."""
+        st = self._stats(worker, rows)
+        return None if st is None else st[0]
+
+    def median(self, worker: int, rows: int = 1) -> float | None:
+        """The running median of ``worker``'s latency on batches like ``rows`` (``None``: too few samples)."""
+        st = self._stats(worker, rows)
+        return None if st is None else st[1]
 
     def snapshot(self) -> dict[int, dict[str, float | int | None]]:
-        """Per worker: samples, median and the tracked quantile (seconds)."""
+        """Per worker, for single-input calls: samples, median and the tracked quantile (seconds)."""
         out = {}
-        for w, d in sorted(self._obs.items()):
+        for (w, b), d in sorted(self._obs.items()):
+            if b != 1:
+                continue
             a = np.fromiter(d, float)
             out[w] = {"samples": len(a), "median_s": float(np.median(a)), "quantile_s": self.quantile(w)}
         return out
@@ -218,16 +237,23 @@ class SlackPolicy:
     ``fixed_s`` set: always wait up to ``fixed_s`` seconds (0: decode at
     once, the first-decodable-set behaviour). ``fixed_s`` ``None`` (``auto``):
     wait until the request is as old as the ``tracker``'s running quantile
-    (q99 by default) of the missing data workers' recent latency, i.e. for as
-    long as those workers' answers normally take, but never more than
-    ``max_s`` after the decodable set arrived, and ``max_s`` as well while the
-    tracker has too few samples. A missing row already later than its q99 is a
+    (q99 by default) of the missing data workers' recent latency on batches of
+    this size, i.e. for as long as those workers' answers normally take, but
+    never more than ``max_s`` plus the batch's expected extra compute after the
+    decodable set arrived. A missing row already later than its q99 is a
     straggler and is decoded at once.
+
+    The wait scales with the batch (a 1024-row request is not decoded while its
+    data model is still computing it): its extra compute is the missing
+    workers' median on batches of this size minus their median on single
+    inputs. While that size has too few samples, the extra compute is taken
+    from the time the decodable set took on the same batch (minus the
+    single-input median) and added to the single-input quantile.
 
     Attributes:
         fixed_s: fixed slack in seconds, or ``None`` for ``auto``.
         tracker: latencies per worker (``auto`` only).
-        max_s: cap of the ``auto`` slack.
+        max_s: cap of the ``auto`` slack beyond the batch's expected extra compute.
         worker_of_row: data row -> the worker whose latency predicts it
             (default: worker ``j`` serves row ``j``).
     """
@@ -245,18 +271,34 @@ class SlackPolicy:
         if self.fixed_s is None and self.tracker is None:
             self.tracker = LatencyTracker()
 
-    def slack(self, missing_rows: Sequence[int], age_s: float) -> float:
-        """Seconds to wait for ``missing_rows`` when the decodable set arrived ``age_s`` into the request."""
+    def slack(self, missing_rows: Sequence[int], age_s: float, rows: int = 1) -> float:
+        """Seconds to wait for ``missing_rows`` when the decodable set arrived ``age_s`` into a request of ``rows`` inputs."""
         if self.fixed_s is not None:
             return self.fixed_s
         assert self.tracker is not None
-        qs = [self.tracker.quantile((self.worker_of_row or {}).get(j, j)) for j in missing_rows]
-        if not qs or any(q is None for q in qs):
-            return self.max_s
-        return min(self.max_s, max(0.0, max(qs) - age_s))  # type: ignore[type-var]
+        workers = [(self.worker_of_row or {}).get(j, j) for j in missing_rows]
+        tr = self.tracker
+        est: list[tuple[float | None, float]] = []  # per missing worker: (quantile, extra compute)
+        for w in workers:
+            q, med, one = tr.quantile(w, rows), tr.median(w, rows), tr.median(w, 1)
+            if _bucket(rows) == 1:
+                est.append((q, 0.0))
+            elif q is not None:
+                est.append((q, max(0.0, med - (one or 0.0))))  # type: ignore[operator]
+            else:  # no batches of this size yet: the decodable set took this long on the same batch
+                extra = max(0.0, age_s - (one or 0.0))
+                q1 = tr.quantile(w, 1)
+                est.append((None if q1 is None else q1 + extra, extra))
+        cap = self.max_s + max((e for _, e in est), default=0.0)
+        if not est or any(q is None for q, _ in est):
+            return cap
+        return min(cap, max(0.0, max(q for q, _ in est) - age_s))  # type: ignore[type-var]
 
 
 def _describe(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)  # a worker's own account (coinfer.serving.channel.WorkerCallError)
+    if isinstance(reason, str) and reason:
+        return reason[:300]
     cause = getattr(exc, "cause", None)  # Ray wraps the worker's exception
     if isinstance(cause, BaseException):
         exc = cause
@@ -403,7 +445,7 @@ async def collect(
                     if not waiting:
                         ended = now
                         break
-                    decode_at = min(deadline, now + policy.slack(waiting, now - t0))
+                    decode_at = min(deadline, now + policy.slack(waiting, now - t0, rows=want[0] or 1))
                 if not waiting or now >= decode_at:
                     ended = now
                     break

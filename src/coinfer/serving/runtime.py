@@ -1,11 +1,15 @@
-"""The serving runtime: Ray, the worker deployments, the modes and the admin actions.
+"""The serving runtime: the request path (plan, fan-out, collect, decode, accounting)
+over a pool of worker processes, and the admin actions.
 
-Workers are Ray Serve deployments (one Serve application per worker, so one can
-be killed or redeployed alone) reached through ``DeploymentHandle`` s; the
-fan-out and the first-decodable-set logic (:func:`coinfer.serving.collector.collect`)
-run in the frontend process. Serve's HTTP proxy is not used (``proxy_location
-="Disabled"``): the frontend's own FastAPI app is the ingress (see
-``docs/serving.md`` for why).
+Two planes (see ``docs/serving.md``):
+
+* control — :class:`coinfer.serving.pool.WorkerPool` places the worker processes
+  on Ray (local, or a cluster joined with ``address``), kills and replaces them,
+  and tells the runtime where each one listens;
+* data — each request goes straight to the workers' sockets
+  (:class:`coinfer.serving.channel.Channel`, frames of :mod:`coinfer.serving.wire`),
+  and :func:`coinfer.serving.collector.collect` answers from the first
+  decodable set, cancelling the calls it no longer waits for.
 
 Workers ``0..n-1`` serve the bundle's rows (data models, then coded models);
 with ``baselines=True`` workers ``n..n+r-1`` are second replicas of data models
@@ -15,21 +19,19 @@ runs on the same runtime with the same resources.
 :meth:`Runtime.start` validates the manifest and verifies every file's sha256
 once; each worker is then *pinned* to that verification (it gets the sha256 of
 its file, the architecture and its parity structure, and refuses a file that
-differs). :meth:`Runtime.restart` notices a refused replica from Serve's
-deployment status, takes the worker's application down and marks the worker
-down with the reason, instead of waiting for a worker that will never answer.
+differs). :meth:`Runtime.restart` reports such a refusal at once and keeps the
+worker down with the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import math
-import os
+import random
 import time
 import weakref
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +40,7 @@ import numpy as np
 from coinfer.architectures import check_trusted
 from coinfer.bundle import MANIFEST, Bundle
 from coinfer.errors import BundleError, CoinferError
+from coinfer.serving.channel import Channel, WorkerCallError
 from coinfer.serving.collector import (
     CollectError,
     Collection,
@@ -48,13 +51,16 @@ from coinfer.serving.collector import (
     collect,
 )
 from coinfer.serving.config import MODES, ServeConfig, check_settings, parse_decode_slack
+from coinfer.serving.health import WorkerHealth
 from coinfer.serving.injection import Injection
 from coinfer.serving.metrics import Metrics
+from coinfer.serving.pool import RayHandle, WorkerPool, WorkerRefused, WorkerSpec, start_ray
 
 __all__ = [
     "MODES",
     "ServeConfig",
     "Runtime",
+    "ServedBundle",
     "WorkerSlot",
     "WorkerRefused",
     "WorkerHealth",
@@ -64,90 +70,69 @@ __all__ = [
 log = logging.getLogger("coinfer.serving")
 
 
-def _quiet_cancellations(record: logging.LogRecord) -> bool:
-    """Drop Serve's INFO lines about cancelled calls: the collector cancels the calls
-    it does not wait for on most requests (they are counted in the metrics instead)."""
-    return record.levelno > logging.INFO or "cancel" not in str(record.msg).lower()
+@dataclass(frozen=True)
+class ServedBundle:
+    """What the runtime needs of a validated manifest (instead of the raw dict).
 
-
-class WorkerHealth:
-    """Recent outcomes of each worker's calls, for a ``/healthz`` that tells the truth.
-
-    Plain Python, no Ray. A failure is an exception of that worker or a request
-    timeout it did not answer in; a success is an answer (in time or late). A
-    worker is *failing* while its last ``threshold`` outcomes of the last
-    ``window_s`` seconds are all failures; one answer clears it, and outcomes
-    older than the window are forgotten (a worker nobody asked for that long is
-    not known to fail).
-
-    Args:
-        threshold: consecutive recent failures that make a worker failing.
-        window_s: how long an outcome counts as recent.
-        clock: the time source (seconds; for tests).
+    Attributes:
+        path: the bundle directory.
+        manifest: the raw manifest, as read (``/v1/models`` shows parts of it).
+        architecture, code: from :meth:`Bundle.check_manifest`.
+        input_shape: the shape of one input.
+        class_names: one per output column, or None.
+        files: file name -> sha256, verified once at start (workers are pinned to it).
     """
 
-    def __init__(
-        self, threshold: int = 3, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        if threshold < 1 or not window_s > 0:
-            raise CoinferError(f"health threshold must be >= 1 and window > 0, got {threshold}, {window_s}")
-        self.threshold, self.window_s, self._clock = threshold, window_s, clock
-        self._recent: dict[int, deque[tuple[float, str | None]]] = {}  # worker -> (time, failure reason)
+    path: Any
+    manifest: Mapping[str, Any]
+    architecture: dict[str, Any]
+    code: Any
+    input_shape: tuple[int, ...]
+    class_names: list[str] | None
+    files: dict[str, str]
 
-    def _add(self, worker: int, reason: str | None) -> None:
-        q = self._recent.get(worker)
-        if q is None:
-            q = self._recent[worker] = deque(maxlen=self.threshold)
-        q.append((self._clock(), reason))
+    @classmethod
+    def check(cls, config: ServeConfig, manifest: Mapping[str, Any]) -> ServedBundle:
+        """Validate ``manifest`` (see :meth:`Bundle.check_manifest`); builds and imports nothing."""
+        architecture, code = Bundle.check_manifest(manifest, config.bundle / MANIFEST, config.max_condition)
+        return cls(
+            path=config.bundle,
+            manifest=manifest,
+            architecture=architecture,
+            code=code,
+            input_shape=tuple(int(s) for s in manifest["input_shape"]),
+            class_names=manifest.get("class_names"),
+            files=dict(manifest["files"]),
+        )
 
-    def success(self, worker: int) -> None:
-        """``worker`` answered."""
-        self._add(worker, None)
+    def parity(self, row: int) -> dict[str, Any] | None:
+        return Bundle.parity_structure(self.manifest, row, self.code)
 
-    def failure(self, worker: int, reason: str) -> None:
-        """``worker`` raised or did not answer in time; ``reason`` says which."""
-        self._add(worker, reason)
-
-    def forget(self, worker: int) -> None:
-        """Drop ``worker``'s outcomes (e.g. after a restart)."""
-        self._recent.pop(worker, None)
-
-    def failing(self) -> dict[int, str]:
-        """worker -> reason, for the workers whose recent calls all failed."""
-        since = self._clock() - self.window_s
-        out = {}
-        for w, q in self._recent.items():
-            recent = [reason for t, reason in q if t >= since]
-            if len(recent) == self.threshold and all(r is not None for r in recent):
-                out[w] = f"last {self.threshold} calls failed (latest: {recent[-1]})"
-        return out
+    def pin(self, row: int) -> str:
+        return self.files[Bundle.filename(row, self.code.k)]
 
 
 @dataclass
 class WorkerSlot:
-    """One worker: its index, the code row it serves and its Serve application."""
+    """One worker: its index, the code row it serves and its kind."""
 
     index: int
     row: int
     kind: str  # "data", "coded" or "replica"
-    app: str
-    handle: Any = None
 
 
 class Runtime:
-    """Ray + worker deployments + modes. Create with :meth:`start`; close with :meth:`shutdown`."""
+    """Worker pool + request path + admin. Create with :meth:`start`; close with
+    :meth:`shutdown` (or use it as a context manager)."""
 
     def __init__(self, config: ServeConfig, manifest: dict[str, Any]) -> None:
         self.config = config
+        self.bundle = ServedBundle.check(config, manifest)
         self.manifest = manifest
-        self.architecture, self.code = Bundle.check_manifest(
-            manifest, config.bundle / MANIFEST, config.max_condition
-        )
-        #: sha256 of every file, verified once at start; workers are pinned to it
-        self.pins: dict[str, str] = dict(manifest["files"])
-        self._removed: set[int] = set()  # workers whose Serve application was deleted
-        self.input_shape = tuple(int(s) for s in manifest["input_shape"])
-        self.class_names: list[str] | None = manifest.get("class_names")
+        self.architecture, self.code = self.bundle.architecture, self.bundle.code
+        self.pins = self.bundle.files
+        self.input_shape = self.bundle.input_shape
+        self.class_names = self.bundle.class_names
         self.metrics = Metrics()
         self.mode = config.mode
         self.timeout_s = config.timeout_s
@@ -157,28 +142,35 @@ class Runtime:
         self.injections: dict[int, Injection] = dict(config.injections)
         self.down: dict[int, str] = {}
         self.health = WorkerHealth()
-        self.loop_router = True  # see _handle
-        self._loop_handles: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.slots: dict[int, WorkerSlot] = {}
-        self._started_ray = False  # this runtime called ray.init
-        self._local_ray = False  # ... and started a local instance (not a cluster)
         k, r, n = self.code.k, self.code.r, self.code.n
         for i in range(n):
-            self.slots[i] = WorkerSlot(i, i, "data" if i < k else "coded", f"coinfer-w{i}")
+            self.slots[i] = WorkerSlot(i, i, "data" if i < k else "coded")
         if config.baselines:
             for j in range(min(r, k)):
-                w = n + j
-                self.slots[w] = WorkerSlot(w, j, "replica", f"coinfer-w{w}")
+                self.slots[n + j] = WorkerSlot(n + j, j, "replica")
         self.row_of = {w: s.row for w, s in self.slots.items()}
         self.plan(self.mode)  # e.g. a default mode that needs the baseline replicas, without them
+        self.pool: WorkerPool | None = None
+        self._ray: RayHandle | None = None
+        self._rngs = {w: random.Random(config.seed * 1_000_003 + w) for w in self.slots}
+        self._turn = itertools.count()
+        #: event loop -> {(host, port): Channel}; a channel belongs to the loop that opened it
+        self._channels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._refreshing: dict[int, float] = {}
+        classes = len(self.class_names) if self.class_names else 1 << 16
+        self.max_answer_bytes = 4 * config.max_batch * classes
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
     def start(cls, config: ServeConfig) -> Runtime:
-        """Verify the bundle, start or join Ray, deploy every worker and wait until they answer."""
-        import ray
-        from ray import serve
+        """Verify the bundle, start or join Ray, start every worker process and wait
+        until each answers one input through the data plane.
 
+        Raises:
+            BundleError: the manifest or a file is refused, a worker refused its file,
+                or a worker's answer does not fit the class names.
+        """
         manifest = Bundle.read_manifest(config.bundle)
         rt = cls(config, manifest)  # validates the manifest
         check_trusted(rt.architecture, config.trust_code, source=f"bundle {config.bundle}")
@@ -186,110 +178,83 @@ class Runtime:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise BundleError(f"bundle {config.bundle}: files {bad} are missing or do not match their sha256")
-        if not ray.is_initialized():
-            if config.address:
-                ray.init(address=config.address, include_dashboard=False, logging_level=logging.WARNING)
-            else:
-                need = config.worker_cpus * config.replicas * len(rt.slots) + 1
-                num_cpus = config.num_cpus or max(os.cpu_count() or 1, math.ceil(need))
-                ray.init(
-                    address="local",  # a new local instance, never a cluster found on this machine
-                    num_cpus=num_cpus,
-                    num_gpus=None if config.worker_gpus else 0,
-                    include_dashboard=False,
-                    logging_level=logging.WARNING,
-                )
-            rt._started_ray = True
-            rt._local_ray = not config.address
-        serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
-        serve_log = logging.getLogger("ray.serve")
-        if _quiet_cancellations not in serve_log.filters:
-            serve_log.addFilter(_quiet_cancellations)
-        rt._deploy(list(rt.slots))
+        need = config.worker_cpus * config.replicas * len(rt.slots) + 1
+        rt._ray = start_ray(config.address, config.num_cpus, need, gpus=config.worker_gpus > 0)
         try:
-            rt._check_outputs()
+            rt.pool = WorkerPool(rt._specs(), config.worker_cpus, config.worker_gpus, config.replicas)
+            try:
+                rt.pool.start()
+            except WorkerRefused as exc:
+                raise BundleError(f"bundle {config.bundle}: {exc}") from None
+            asyncio.run(rt._check_outputs())
         except BaseException:
             rt.shutdown()
             raise
         return rt
 
-    def _check_outputs(self) -> None:
-        """One zero input through every worker: each must answer ``(1, C)`` with
-        C = the number of class names (a manifest whose class names do not fit
-        its models would otherwise fail every request with a 502)."""
+    def _specs(self) -> dict[int, WorkerSpec]:
+        c, b = self.config, self.bundle
+        common = {
+            "bundle_path": str(c.bundle.resolve()),
+            "k": self.code.k,
+            "architecture": b.architecture,
+            "input_shape": list(b.input_shape),
+            "trust_code": c.trust_code,
+            "device": "cuda" if c.worker_gpus > 0 else "cpu",
+            "num_threads": max(1, int(c.worker_cpus)),
+            "max_rows": c.max_batch,
+            "max_batch_size": c.max_batch_size,
+            "host": c.worker_host or ("127.0.0.1" if self._ray is not None and self._ray.local else None),
+        }
+        return {
+            w: WorkerSpec(w, s.row, s.kind, {**common, "sha256": b.pin(s.row), "parity": b.parity(s.row)})
+            for w, s in self.slots.items()
+        }
+
+    async def _check_outputs(self) -> None:
+        """One zero input through every worker's socket: each must answer ``(1, C)`` with
+        C = the number of class names (a manifest whose class names do not fit its
+        models would otherwise fail every request with a 502)."""
         x = np.zeros((1, *self.input_shape), dtype=np.float32)
-        for w, slot in sorted(self.slots.items()):
-            out = np.asarray(slot.handle.predict.remote(x, None).result(timeout_s=120))
-            classes = len(self.class_names) if self.class_names else out.shape[-1]
-            if out.ndim != 2 or out.shape != (1, classes):
-                raise BundleError(
-                    f"bundle {self.config.bundle}: worker {w} answers shape {out.shape} for one input, "
-                    f"expected (1, {classes})" + (" (one column per class name)" if self.class_names else "")
-                )
+        try:
+            for w in sorted(self.slots):
+                try:
+                    out = await asyncio.wait_for(self._call(w, x, inject=False), 120)
+                except (WorkerCallError, TimeoutError) as exc:
+                    raise BundleError(
+                        f"bundle {self.config.bundle}: worker {w} does not answer: {exc}"
+                    ) from None
+                classes = len(self.class_names) if self.class_names else out.shape[-1]
+                if out.ndim != 2 or out.shape != (1, classes):
+                    raise BundleError(
+                        f"bundle {self.config.bundle}: worker {w} answers shape {out.shape} for one input, "
+                        f"expected (1, {classes})"
+                        + (" (one column per class name)" if self.class_names else "")
+                    )
+        finally:
+            await self.close_channels()
 
-    def _application(self, slot: WorkerSlot):
-        from coinfer.serving.worker import deployment
-
-        c = self.config
-        dep = deployment(c.worker_cpus, c.worker_gpus, c.replicas).options(name=f"worker{slot.index}")
-        return dep.bind(
-            str(self.config.bundle.resolve()),
-            slot.row,
-            slot.index,
-            "cuda" if c.worker_gpus > 0 else "cpu",
-            max(1, int(c.worker_cpus)),
-            c.max_batch_size,
-            0.002,
-            c.seed,
-            k=self.code.k,
-            sha256=self.pins[Bundle.filename(slot.row, self.code.k)],
-            architecture=self.architecture,
-            parity=Bundle.parity_structure(self.manifest, slot.row, self.code),
-            trust_code=c.trust_code,
-        )
-
-    def _targets(self, workers: list[int]) -> list[Any]:
-        from ray import serve
-
-        return [
-            serve.RunTarget(
-                self._application(self.slots[w]),
-                name=self.slots[w].app,
-                route_prefix=None,
-                logging_config={"log_level": "WARNING", "enable_access_log": False},
-            )
-            for w in workers
-        ]
-
-    def _deploy(self, workers: list[int]) -> None:
-        from ray import serve
-
-        handles = serve.run_many(self._targets(workers))
-        for w, h in zip(workers, handles, strict=True):
-            self.slots[w].handle = h
-        for w in workers:  # a first call per worker: fail early, warm up
-            self.slots[w].handle.info.remote().result(timeout_s=120)
+    async def close_channels(self) -> None:
+        """Close the running event loop's connections to the workers."""
+        chans = self._channels.pop(asyncio.get_running_loop(), {})
+        await asyncio.gather(*(ch.aclose() for ch in chans.values()), return_exceptions=True)
 
     def shutdown(self) -> None:
-        """Delete the worker applications; stop Ray if this runtime started it.
-
-        On a joined cluster only this runtime's Serve applications are deleted,
-        so other Serve applications there keep running."""
-        import ray
-        from ray import serve
-
+        """Stop every worker process; stop Ray if this runtime started it (removing
+        its session folders). Safe to call twice."""
         try:
-            if self._local_ray:
-                serve.shutdown()
-            else:
-                for slot in self.slots.values():
-                    try:
-                        serve.delete(slot.app)
-                    except Exception as exc:  # keep deleting the others
-                        log.warning("could not delete Serve application %s: %s", slot.app, exc)
+            if self.pool is not None:
+                self.pool.shutdown()
         finally:
-            if self._started_ray and ray.is_initialized():
-                ray.shutdown()
+            if self._ray is not None:
+                self._ray.stop()
+                self._ray = None
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     # ------------------------------------------------------------------ requests
     def plan(self, mode: str) -> Plan:
@@ -308,61 +273,52 @@ class Runtime:
             return Plan(tuple(range(k)), backups=replicas, hedge_after_s=self.hedge_ms / 1000.0)
         raise CoinferError(f"mode must be one of {list(MODES)}, got {mode!r}")
 
-    def _handle(self, w: int) -> Any:
-        """Worker ``w``'s handle for the running event loop, with Serve's router in
-        this loop (``_run_router_in_separate_loop=False``) rather than in Serve's
-        router thread: a call then needs no hop to another thread and back, which
-        on a busy machine costs a thread wake-up each way. Falls back to the
-        handle made at deployment where Serve lacks that option."""
-        if not self.loop_router:
-            return self.slots[w].handle
+    def _channel(self, w: int) -> Channel:
+        """A connection to one of worker ``w``'s processes (round robin), for the running loop."""
+        addresses = self.pool.addresses(w) if self.pool is not None else []
+        if not addresses:
+            raise WorkerCallError(f"WorkerDown: worker {w} has no running process")
+        addr = addresses[next(self._turn) % len(addresses)]
         loop = asyncio.get_running_loop()
-        handles = self._loop_handles.get(loop)
-        if handles is None:
-            handles = self._loop_handles[loop] = {}
-        h = handles.get(w)
-        if h is None:
-            from ray.serve.handle import DeploymentHandle
+        chans = self._channels.get(loop)
+        if chans is None:
+            chans = self._channels[loop] = {}
+        ch = chans.get(addr)
+        if ch is None or ch.closed:
+            ch = chans[addr] = Channel(addr[0], addr[1], self.max_answer_bytes)
+        return ch
 
-            try:  # a new handle (serve.get_deployment_handle would return its cached one)
-                h = DeploymentHandle(f"worker{w}", self.slots[w].app)
-                h._init(_run_router_in_separate_loop=False)
-            except (AttributeError, TypeError, RuntimeError) as exc:
-                log.warning("no same-loop Serve router (%s); using Serve's router thread", exc)
-                self.loop_router = False
-                return self.slots[w].handle
-            handles[w] = h
-        return h
-
-    async def _call(self, w: int, x: np.ndarray) -> np.ndarray:
-        inj = self.injections.get(w)
-        resp = self._handle(w).predict.remote(x, inj.to_dict() if inj and inj.active else None)
+    async def _call(self, w: int, x: np.ndarray, inject: bool = True) -> np.ndarray:
+        inj = self.injections.get(w) if inject else None
+        fail, delay = False, 0.0
+        if inj is not None and inj.active:
+            rng = self._rngs[w]
+            fail = inj.sample_failure(rng)
+            delay = 0.0 if fail else inj.sample_delay_s(rng)
         try:
-            return await resp
-        except asyncio.CancelledError:
-            # the collector no longer needs this call: cancelling the awaiting task
-            # does not stop the remote call, DeploymentResponse.cancel() does (best effort)
-            resp.cancel()
+            return await self._channel(w).call(x, fail=fail, delay_s=delay)
+        except WorkerCallError as exc:
+            if exc.reason.startswith(("WorkerUnreachable", "WorkerLost")):
+                self._refresh_soon(w)
             raise
 
-    def _late(self, w: int, seconds: float, exc: BaseException | None) -> None:
+    def _refresh_soon(self, w: int) -> None:
+        """Ask the pool for worker ``w``'s addresses again (Ray may have restarted its
+        process on another port), at most once a second, off the event loop."""
+        now = time.monotonic()
+        if self.pool is None or w in self.down or now - self._refreshing.get(w, 0.0) < 1.0:
+            return
+        self._refreshing[w] = now
+        pool = self.pool
+        asyncio.get_running_loop().run_in_executor(None, pool.refresh, w)
+
+    def _late(self, w: int, seconds: float, exc: BaseException | None, rows: int = 1) -> None:
         self.metrics.worker(w, seconds, failed=exc is not None)
         if exc is None:
-            self.latency.observe(w, seconds)
+            self.latency.observe(w, seconds, rows)
             self.health.success(w)
         else:
             self.health.failure(w, f"late call failed: {type(exc).__name__}")
-
-    def _record_health(
-        self, answered: Iterable[int], failed: Mapping[int, str], silent: Iterable[int] = ()
-    ) -> None:
-        for w in answered:
-            self.health.success(w)
-        for w, reason in failed.items():
-            if w not in self.down:  # down workers are not asked; /healthz reports them apart
-                self.health.failure(w, reason)
-        for w in silent:
-            self.health.failure(w, f"no answer within the {self.timeout_s:g}s request timeout")
 
     def set_decode_slack(self, value: float | str) -> None:
         """Set the decode slack: milliseconds >= 0 or ``"auto"``."""
@@ -390,11 +346,19 @@ class Runtime:
     async def predict(self, x: np.ndarray, mode: str | None = None) -> Collection:
         """Send ``x`` (``(B, *input_shape)`` float32) to the mode's workers; collect and decode.
 
+        While the usable workers cannot decode (``/healthz`` degraded), the request
+        still goes out (so a recovered worker is noticed) but gives up after
+        ``degraded_timeout_s`` with a :class:`CollectError` (HTTP 503), not a
+        full-timeout wait.
+
         Raises:
             CollectError / CollectTimeout: no decodable set (the message names the workers).
         """
         mode = mode or self.mode
         plan = self.plan(mode)
+        rows = len(x)
+        degraded = not self._can_decode(plan)
+        timeout = min(self.timeout_s, self.config.degraded_timeout_s) if degraded else self.timeout_s
         t0 = time.perf_counter()
         try:
             res = await collect(
@@ -402,48 +366,73 @@ class Runtime:
                 self.row_of,
                 lambda w: self._call(w, x),
                 plan,
-                self.timeout_s,
+                timeout,
                 down=self.down,
-                on_late=self._late,
+                on_late=lambda w, s, exc: self._late(w, s, exc, rows),
                 slack=self.slack_policy(),
-                shape=(len(x), len(self.class_names) if self.class_names else None),
+                shape=(rows, len(self.class_names) if self.class_names else None),
             )
-        except CollectTimeout as exc:
-            self.metrics.timeout(mode)
-            self.metrics.request(mode, "timeout")
-            self._record_calls(mode, exc)
-            self._record_health(exc.latency_s, exc.failed, exc.pending)
+        except CollectError as exc:
+            self._account(mode, rows, t0, exc)
+            if degraded and isinstance(exc, CollectTimeout):
+                fast = CollectError(
+                    f"no decodable set: the usable workers cannot decode (health degraded: "
+                    f"{self.health_report()['unavailable']}), and none answered within the "
+                    f"{timeout:g}s degraded timeout ({exc})",
+                    exc.failed,
+                    exc.pending,
+                )
+                fast.latency_s, fast.cancelled_s = exc.latency_s, exc.cancelled_s
+                raise fast from None
             raise
-        except CoinferError as exc:
-            self.metrics.request(mode, "failed")
-            if isinstance(exc, CollectError):
-                self._record_calls(mode, exc)
-                self._record_health(exc.latency_s, exc.failed)
-            raise
-        self.metrics.request(mode, "ok", time.perf_counter() - t0)
-        self.metrics.reconstructed(mode, sum(res.reconstructed))
-        self._record_calls(mode, res)
-        self._record_health(res.latency_s, res.failed)
+        self._account(mode, rows, t0, res)
         return res
 
-    def _record_calls(self, mode: str, res: Collection | CollectError) -> None:
-        """Per-worker metrics and latency samples of one request, answered or not.
+    def _account(self, mode: str, rows: int, t0: float, outcome: Collection | CollectError) -> None:
+        """All the bookkeeping of one request, answered or not: the request metrics, each
+        worker's latency and failure metrics, the decode-slack tracker and worker health.
 
-        A cancelled call is neither a success nor a failure; in ``coded`` mode
-        the time it had run is a lower bound of its latency and is fed to the
-        decode-slack tracker (so cutting a straggler off never makes it look
-        faster). In the other modes a data worker is cancelled when its replica
-        or backup won, at the winner's time, which says nothing about its own
-        latency: not fed."""
-        for w, s in res.latency_s.items():
-            self.metrics.worker(w, s)
-            self.latency.observe(w, s)
-        for w, s in res.cancelled_s.items():
-            self.metrics.cancelled(w)
+        A cancelled call is neither a success nor a failure; in ``coded`` mode the time
+        it had run is a lower bound of its latency and is fed to the decode-slack
+        tracker (so cutting a straggler off never makes it look faster). In the other
+        modes a data worker is cancelled when its replica or backup won, at the
+        winner's time, which says nothing about its own latency: not fed."""
+        m = self.metrics
+        if isinstance(outcome, Collection):
+            m.request(mode, "ok", time.perf_counter() - t0)
+            m.reconstructed(mode, sum(outcome.reconstructed))
+        elif isinstance(outcome, CollectTimeout):
+            m.timeout(mode)
+            m.request(mode, "timeout")
+        else:
+            m.request(mode, "failed")
+        for w, s in outcome.latency_s.items():
+            m.worker(w, s)
+            self.latency.observe(w, s, rows)
+            self.health.success(w)
+        for w, s in outcome.cancelled_s.items():
+            m.cancelled(w)
             if mode == "coded":
-                self.latency.observe(w, s)
-        for w in res.failed:
-            self.metrics.worker(w, None, failed=True)
+                self.latency.observe(w, s, rows)
+        for w, reason in outcome.failed.items():
+            m.worker(w, None, failed=True)
+            if w not in self.down:  # down workers are not asked; /healthz reports them apart
+                self.health.failure(w, reason)
+        if isinstance(outcome, CollectTimeout):
+            for w in outcome.pending:
+                self.health.failure(w, f"no answer within the {self.timeout_s:g}s request timeout")
+
+    def _usable(self, plan: Plan) -> tuple[list[int], dict[int, str]]:
+        """The rows of ``plan``'s workers that are neither down nor failing, and why the others are not."""
+        asked = sorted(set(plan.primary) | set(plan.backups.values()))
+        failing = self.health.failing()
+        reasons = {w: f"down ({self.down[w]})" for w in asked if w in self.down}
+        reasons.update({w: failing[w] for w in asked if w in failing and w not in reasons})
+        rows = sorted({self.row_of[w] for w in asked if w not in reasons})
+        return rows, reasons
+
+    def _can_decode(self, plan: Plan) -> bool:
+        return self.code.can_decode(self._usable(plan)[0])
 
     def health_report(self) -> dict[str, Any]:
         """Whether requests in the default mode can still be decoded, and why not.
@@ -452,12 +441,8 @@ class Runtime:
         are left out; the status is ``ok`` while the rows of the remaining workers
         of the default mode's plan still form a decodable set (for an MDS code,
         any k distinct rows), else ``degraded``."""
-        plan = self.plan(self.mode)
-        asked = sorted(set(plan.primary) | set(plan.backups.values()))
+        rows, reasons = self._usable(self.plan(self.mode))
         failing = self.health.failing()
-        reasons = {w: f"down ({self.down[w]})" for w in asked if w in self.down}
-        reasons.update({w: failing[w] for w in asked if w in failing and w not in reasons})
-        rows = sorted({self.row_of[w] for w in asked if w not in reasons})
         ok = self.code.can_decode(rows)
         return {
             "status": "ok" if ok else "degraded",
@@ -489,100 +474,50 @@ class Runtime:
     def clear_injections(self) -> None:
         self.injections.clear()
 
-    def _replica_actor_names(self, w: int) -> list[tuple[str, str]]:
-        import ray
-
-        prefix = f"SERVE_REPLICA::{self.slots[w].app}#"
-        return [
-            (a["name"], a["namespace"])
-            for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith(prefix)
-        ]
+    def _pool(self) -> WorkerPool:
+        if self.pool is None:
+            raise CoinferError("the runtime has no worker pool (not started)")
+        return self.pool
 
     def kill(self, w: int) -> dict[str, Any]:
-        """Kill worker ``w``'s replica processes (SIGKILL through Ray) and mark it down.
-
-        Serve's controller replaces killed replicas in the background; the frontend
-        keeps the worker out of the pool until :meth:`restart` (an operator's action)."""
-        import ray
-
+        """SIGKILL worker ``w``'s processes (through Ray) and mark it down; it stays
+        out of the pool until :meth:`restart` (an operator's action)."""
         self.check_worker(w)
-        names = self._replica_actor_names(w)
-        killed = 0
-        for name, ns in names:
-            try:
-                ray.kill(ray.get_actor(name, namespace=ns), no_restart=True)
-                killed += 1
-            except ValueError:  # already gone
-                pass
+        killed = self._pool().kill(w)
         self.down[w] = "killed"
         return {"worker": w, "killed_replicas": killed}
 
-    def startup_failure(self, w: int) -> str | None:
-        """Why worker ``w``'s replicas fail to start, from Serve's deployment
-        status (``serve.status()``), or None when Serve reports no such failure."""
-        from ray import serve
-
-        app = serve.status().applications.get(self.slots[w].app)
-        if app is None:
-            return None
-        for dep in app.deployments.values():
-            msg = dep.message or ""
-            status = getattr(dep.status, "value", str(dep.status))  # a str Enum: "HEALTHY", ...
-            if status != "HEALTHY" and ("failed to start" in msg or status == "DEPLOY_FAILED"):
-                return _error_line(msg)
-        return None
-
-    def _delete_app(self, w: int) -> None:
-        """Delete worker ``w``'s Serve application, so that Serve stops
-        re-running a constructor that refuses to start."""
-        from ray import serve
-
-        try:
-            serve.delete(self.slots[w].app)
-            self._removed.add(w)
-        except Exception as exc:  # keep the worker marked down regardless
-            log.warning("could not delete Serve application %s: %s", self.slots[w].app, exc)
-
     async def restart(self, w: int, timeout_s: float = 120.0) -> dict[str, Any]:
-        """Wait until worker ``w`` answers again (Serve replaces killed replicas), then use it again.
-
-        A worker taken down by an earlier refused restart is redeployed first
-        (pinned to the sha256 verified at start, as always).
+        """Start new processes for worker ``w`` (pinned to the sha256 verified at start),
+        wait until one answers through the data plane, then use it again.
 
         Raises:
-            WorkerRefused: the worker's new replica refused to start (e.g. its
-                model file changed on disk: "sha256 mismatch"); the worker is
-                marked down with that reason and its application deleted; the
-                other workers keep serving.
+            WorkerRefused: the new process refused to start (e.g. its model file changed
+                on disk: "sha256 mismatch"); the worker is marked down with that reason
+                and no process of it is left running; the other workers keep serving.
             CoinferError: no answer within ``timeout_s``.
         """
-        from ray import serve
-
         self.check_worker(w)
+        pool = self._pool()
         t0 = time.perf_counter()
-        if w in self._removed:
-            handles = await asyncio.to_thread(
-                serve.run_many, self._targets([w]), wait_for_applications_running=False
+        self.down.setdefault(w, "restarting")
+        try:
+            started = await asyncio.wait_for(asyncio.to_thread(pool.restart, w), timeout_s)
+        except WorkerRefused as exc:
+            self.down[w] = f"refused to start: {exc.reason}"
+            raise
+        except TimeoutError:
+            raise CoinferError(f"worker {w} did not start within {timeout_s:g}s") from None
+        x = np.zeros((1, *self.input_shape), dtype=np.float32)
+        try:
+            await asyncio.wait_for(
+                self._call(w, x, inject=False), max(1.0, timeout_s - (time.perf_counter() - t0))
             )
-            self.slots[w].handle = handles[0]
-            self._removed.discard(w)
-        last = None
-        while time.perf_counter() - t0 < timeout_s:
-            reason = await asyncio.to_thread(self.startup_failure, w)
-            if reason is not None:
-                self.down[w] = f"refused to start: {reason}"
-                await asyncio.to_thread(self._delete_app, w)
-                raise WorkerRefused(f"worker {w} refused to start and stays down: {reason}", w, self.down[w])
-            try:
-                info = await asyncio.wait_for(self.slots[w].handle.info.remote(), timeout=3.0)
-                self.down.pop(w, None)
-                self.health.forget(w)
-                return {"worker": w, "seconds": round(time.perf_counter() - t0, 3), **info}
-            except Exception as exc:  # replica still starting
-                last = exc
-                await asyncio.sleep(0.5)
-        raise CoinferError(f"worker {w} did not come back within {timeout_s:g}s: {last}")
+        except (WorkerCallError, TimeoutError) as exc:
+            raise CoinferError(f"worker {w} started but does not answer: {exc}") from None
+        self.down.pop(w, None)
+        self.health.forget(w)
+        return {"worker": w, "seconds": round(time.perf_counter() - t0, 3), "row": self.row_of[w], **started}
 
     def state(self) -> dict[str, Any]:
         """Mode, timeouts, workers (row, kind, down) and injections."""
@@ -612,24 +547,3 @@ class Runtime:
                 for w, s in sorted(self.slots.items())
             ],
         }
-
-
-class WorkerRefused(CoinferError):
-    """A worker whose replica refused to start (its reason in ``reason``)."""
-
-    def __init__(self, message: str, worker: int, reason: str) -> None:
-        super().__init__(message)
-        self.worker, self.reason = worker, reason
-
-
-def _error_line(message: str) -> str:
-    """The most telling line of a Serve startup-failure message: the one naming
-    a changed file, else the last exception line of its traceback."""
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
-    for ln in lines:
-        if "sha256 mismatch" in ln:
-            return ln
-    for ln in reversed(lines):
-        if "Error" in ln or "Exception" in ln:
-            return ln
-    return lines[-1] if lines else "unknown startup failure"

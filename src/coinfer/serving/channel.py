@@ -1,0 +1,164 @@
+"""The frontend's end of the data plane: one TCP connection to one worker process.
+
+Plain asyncio, no Ray. A :class:`Channel` multiplexes concurrent calls over one
+connection by request id; a reader task resolves each call as its answer
+arrives, in whatever order. Cancelling a call (the collector does so for calls
+it no longer waits for) sends ``CANCEL`` so the worker drops the queued work.
+A lost connection fails every pending call at once with :class:`WorkerCallError`
+(the collector then decodes around the worker); the next call reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+
+import numpy as np
+
+from coinfer.errors import CoinferError
+from coinfer.serving import wire
+
+__all__ = ["Channel", "WorkerCallError"]
+
+
+class WorkerCallError(CoinferError):
+    """A call that a worker answered with an error, or that its connection lost.
+    ``reason`` is the text the collector reports (e.g. ``InjectedFailure: ...``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Channel:
+    """Calls to the worker listening on ``host:port``.
+
+    Args:
+        host, port: the worker's data-plane address.
+        max_payload: largest answer accepted (bytes).
+        connect_timeout_s: how long a (re)connection may take.
+    """
+
+    def __init__(self, host: str, port: int, max_payload: int, connect_timeout_s: float = 2.0) -> None:
+        self.host, self.port = host, port
+        self.max_payload = max_payload
+        self.connect_timeout_s = connect_timeout_s
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task | None = None
+        self._connecting: asyncio.Future | None = None
+        self.closed = False
+
+    @property
+    def pending(self) -> int:
+        """Calls sent and not answered yet."""
+        return len(self._pending)
+
+    async def _connect(self) -> asyncio.StreamWriter:
+        if self._writer is not None and not self._writer.is_closing():
+            return self._writer
+        if self._connecting is None:  # one connection attempt for all the calls that need it
+            self._connecting = asyncio.ensure_future(self._open())
+        fut = self._connecting
+        try:
+            return await asyncio.shield(fut)
+        finally:
+            if fut.done():
+                self._connecting = None
+
+    async def _open(self) -> asyncio.StreamWriter:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port), self.connect_timeout_s
+            )
+        except (OSError, TimeoutError) as exc:
+            raise WorkerCallError(
+                f"WorkerUnreachable: {self.host}:{self.port}: {exc or type(exc).__name__}"
+            ) from None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._writer = writer
+        self._reader_task = asyncio.ensure_future(self._read(reader, writer))
+        return writer
+
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        why = "connection closed by the worker"
+        try:
+            while True:
+                frame = await wire.read_frame(reader, self.max_payload)
+                if frame is None:
+                    break
+                fut = self._pending.pop(frame.rid, None)
+                if frame.kind == wire.ERROR and frame.rid == 0 and fut is None:
+                    why = f"worker closed the connection: {frame.text()}"
+                    continue
+                if fut is None or fut.done():
+                    continue  # an answer nobody waits for any more (cancelled)
+                if frame.kind == wire.RESULT:
+                    fut.set_result(frame.array())
+                elif frame.kind == wire.ERROR:
+                    fut.set_exception(WorkerCallError(frame.text()))
+        except wire.WireError as exc:
+            why = f"bad frame from the worker: {exc}"
+        except (ConnectionError, OSError) as exc:
+            why = f"connection lost: {exc}"
+        except asyncio.CancelledError:
+            why = "channel closed"
+        finally:
+            if self._writer is writer:
+                self._writer = None
+            writer.close()
+            self._fail_all(why)
+
+    def _fail_all(self, why: str) -> None:
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(WorkerCallError(f"WorkerLost: {why}"))
+
+    async def call(self, x: np.ndarray, *, fail: bool = False, delay_s: float = 0.0) -> np.ndarray:
+        """The worker's ``(B, C)`` float32 probabilities for ``x`` (float32 ``(B, *input_shape)``).
+
+        ``fail`` and ``delay_s`` are injected on purpose (the worker fails the
+        call, or holds its answer back that long after computing it).
+
+        Raises:
+            WorkerCallError: the worker answered an error, or the connection failed.
+        """
+        if self.closed:
+            raise WorkerCallError("WorkerLost: channel closed")
+        writer = await self._connect()
+        rid = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        delay_us = max(0, min(int(delay_s * 1e6), 2**32 - 1))
+        writer.writelines(
+            wire.pack(wire.PREDICT, rid, x, flags=wire.FLAG_FAIL if fail else 0, delay_us=delay_us)
+        )
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if (
+                self._pending.pop(rid, None) is not None
+                and self._writer is writer
+                and not writer.is_closing()
+            ):
+                writer.writelines(wire.pack(wire.CANCEL, rid))
+            raise
+
+    async def aclose(self) -> None:
+        """Close the connection; pending calls fail with ``WorkerLost``."""
+        self.closed = True
+        task = self._reader_task
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        elif self._writer is not None:
+            self._writer.close()
+        self._fail_all("channel closed")
