@@ -54,7 +54,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bundle: Path, extra: list[str], log: Path) -> tuple[subprocess.Popen, str, str]:
+def start_server(
+    bundle: Path, extra: list[str], log: Path, env: dict | None = None
+) -> tuple[subprocess.Popen, str, str]:
+    """``coinfer serve BUNDLE`` on free ports (``env``: the process's environment); returns once
+    ``/healthz`` answers 200: (process, public URL, admin URL)."""
     port, admin_port = _free_port(), _free_port()
     exe = Path(sys.executable).parent / "coinfer"  # this interpreter's entry point, else the module
     cmd = [
@@ -65,7 +69,9 @@ def start_server(bundle: Path, extra: list[str], log: Path) -> tuple[subprocess.
         f"--admin-port={admin_port}",
         *extra,
     ]
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:

@@ -11,6 +11,7 @@ A lost connection fails every pending call at once with :class:`WorkerCallError`
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import socket
 
@@ -119,18 +120,23 @@ class Channel:
             if not fut.done():
                 fut.set_exception(WorkerCallError(f"WorkerLost: {why}"))
 
-    async def call(self, x: np.ndarray, *, fail: bool = False, delay_s: float = 0.0) -> np.ndarray:
-        """The worker's ``(B, C)`` float32 probabilities for ``x`` (float32 ``(B, *input_shape)``).
+    def submit(self, x: np.ndarray, *, fail: bool = False, delay_s: float = 0.0) -> asyncio.Future:
+        """Send ``x`` now and return the future of the worker's ``(B, C)`` float32
+        probabilities (no task is made while the connection is open). Cancelling the
+        future sends ``CANCEL``, so the worker drops the call if it has not run it.
+        ``fail`` and ``delay_s`` are injected on purpose (the worker fails the call,
+        or holds its answer back that long after computing it).
 
-        ``fail`` and ``delay_s`` are injected on purpose (the worker fails the
-        call, or holds its answer back that long after computing it).
+        The future fails with :class:`WorkerCallError` when the worker answers an
+        error or the connection fails."""
+        writer = self._writer
+        if self.closed or writer is None or writer.is_closing():
+            return asyncio.ensure_future(self.call(x, fail=fail, delay_s=delay_s))
+        return self._send(writer, x, fail, delay_s)
 
-        Raises:
-            WorkerCallError: the worker answered an error, or the connection failed.
-        """
-        if self.closed:
-            raise WorkerCallError("WorkerLost: channel closed")
-        writer = await self._connect()
+    def _send(
+        self, writer: asyncio.StreamWriter, x: np.ndarray, fail: bool, delay_s: float
+    ) -> asyncio.Future:
         rid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
@@ -138,16 +144,24 @@ class Channel:
         writer.writelines(
             wire.pack(wire.PREDICT, rid, x, flags=wire.FLAG_FAIL if fail else 0, delay_us=delay_us)
         )
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            if (
-                self._pending.pop(rid, None) is not None
-                and self._writer is writer
-                and not writer.is_closing()
-            ):
+        fut.add_done_callback(functools.partial(self._done, rid, writer))
+        return fut
+
+    def _done(self, rid: int, writer: asyncio.StreamWriter, fut: asyncio.Future) -> None:
+        if fut.cancelled() and self._pending.pop(rid, None) is not None:
+            if self._writer is writer and not writer.is_closing():
                 writer.writelines(wire.pack(wire.CANCEL, rid))
-            raise
+
+    async def call(self, x: np.ndarray, *, fail: bool = False, delay_s: float = 0.0) -> np.ndarray:
+        """:meth:`submit`, connecting first if needed, and await the answer.
+
+        Raises:
+            WorkerCallError: the worker answered an error, or the connection failed.
+        """
+        if self.closed:
+            raise WorkerCallError("WorkerLost: channel closed")
+        writer = await self._connect()
+        return await self._send(writer, x, fail, delay_s)
 
     async def aclose(self) -> None:
         """Close the connection; pending calls fail with ``WorkerLost``."""

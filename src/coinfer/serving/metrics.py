@@ -39,6 +39,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], object] = {}
         reg = self.registry
         self._requests = Counter(
             "coinfer_requests_total",
@@ -93,27 +94,35 @@ class Metrics:
             registry=reg,
         )
 
+    def _child(self, metric, *labels: str):
+        """``metric.labels(*labels)``, looked up once (the request path calls this per worker call)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def request(self, mode: str, status: str, seconds: float | None = None) -> None:
         """Count a prediction request of ``mode`` with outcome ``status``; record its latency if given."""
-        self._requests.labels(mode=mode, status=status).inc()
+        self._child(self._requests, mode, status).inc()
         if seconds is not None:
-            self._latency.labels(mode=mode).observe(seconds)
+            self._child(self._latency, mode).observe(seconds)
 
     def worker(self, worker: int, seconds: float | None, failed: bool = False) -> None:
         """Record a worker call: a failure, or its latency."""
         if failed:
-            self._worker_failures.labels(worker=str(worker)).inc()
+            self._child(self._worker_failures, str(worker)).inc()
         elif seconds is not None:
-            self._worker_latency.labels(worker=str(worker)).observe(seconds)
+            self._child(self._worker_latency, str(worker)).observe(seconds)
 
     def cancelled(self, worker: int) -> None:
         """A call of ``worker`` cancelled because its request no longer needed it."""
-        self._worker_cancelled.labels(worker=str(worker)).inc()
+        self._child(self._worker_cancelled, str(worker)).inc()
 
     def reconstructed(self, mode: str, count: int) -> None:
         """Count ``count`` data outputs decoded instead of received."""
         if count:
-            self._reconstructions.labels(mode=mode).inc(count)
+            self._child(self._reconstructions, mode).inc(count)
 
     def timeout(self, mode: str) -> None:
         """Count a request that found no decodable set in time."""

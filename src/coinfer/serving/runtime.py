@@ -26,6 +26,7 @@ worker down with the reason.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import random
@@ -288,7 +289,8 @@ class Runtime:
             ch = chans[addr] = Channel(addr[0], addr[1], self.max_answer_bytes)
         return ch
 
-    async def _call(self, w: int, x: np.ndarray, inject: bool = True) -> np.ndarray:
+    def _call(self, w: int, x: np.ndarray, inject: bool = True) -> asyncio.Future:
+        """Send ``x`` to worker ``w`` now; the future of its answer (cancel it to cancel the call)."""
         inj = self.injections.get(w) if inject else None
         fail, delay = False, 0.0
         if inj is not None and inj.active:
@@ -296,11 +298,20 @@ class Runtime:
             fail = inj.sample_failure(rng)
             delay = 0.0 if fail else inj.sample_delay_s(rng)
         try:
-            return await self._channel(w).call(x, fail=fail, delay_s=delay)
+            fut = self._channel(w).submit(x, fail=fail, delay_s=delay)
         except WorkerCallError as exc:
-            if exc.reason.startswith(("WorkerUnreachable", "WorkerLost")):
-                self._refresh_soon(w)
-            raise
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_exception(exc)
+            return fut
+        fut.add_done_callback(functools.partial(self._after_call, w))
+        return fut
+
+    def _after_call(self, w: int, fut: asyncio.Future) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if isinstance(exc, WorkerCallError) and exc.reason.startswith(("WorkerUnreachable", "WorkerLost")):
+            self._refresh_soon(w)
 
     def _refresh_soon(self, w: int) -> None:
         """Ask the pool for worker ``w``'s addresses again (Ray may have restarted its

@@ -71,10 +71,10 @@ class Frame:
     delay_us: int = 0
 
     def array(self) -> np.ndarray:
-        """The float32 array of a frame whose dtype is float32 (a read-only view of the payload)."""
+        """The float32 array of a frame whose dtype is float32 (a writable copy of the payload)."""
         if self.dtype != FLOAT32:
             raise WireError(f"{KINDS.get(self.kind, self.kind)} frame carries no float32 array")
-        return np.frombuffer(self.payload, dtype="<f4").reshape(self.shape)
+        return np.frombuffer(bytearray(self.payload), dtype="<f4").reshape(self.shape)
 
     def text(self) -> str:
         return self.payload.decode("utf-8", errors="replace")

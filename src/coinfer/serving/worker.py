@@ -334,8 +334,6 @@ class ModelWorker:
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         torch = self._torch
-        if not x.flags.writeable:  # a view of the received bytes
-            x = x.copy()
         with torch.inference_mode():
             t = torch.from_numpy(x).to(self._dev)
             return torch.softmax(self.model(t), dim=-1).float().cpu().numpy()
