@@ -7,6 +7,8 @@ before a request reaches the workers."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import socket
 import sys
@@ -332,3 +334,36 @@ def test_connections_on_the_pre_bound_sockets_get_tcp_nodelay():
 
     asyncio.run(main())
     assert got == {"nodelay": 1}
+
+
+def _npy_bytes(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x)
+    return buf.getvalue()
+
+
+def _npz_bytes() -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, x=np.zeros((1, 4), np.float32))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "raw,status,reason,words",
+    [
+        (_npy_bytes(np.zeros((1, 4), np.float32)) + b"junk", 400, "bad_npy", "4 trailing bytes"),
+        (_npz_bytes(), 400, "bad_npy", ".npz (zip) archive"),
+        (
+            _npy_bytes(np.zeros((1, 4), np.float32)).replace(b"(1, 4)", b"(9999999999999, 4)", 1)[:200],
+            413,
+            "too_large",
+            "batch of 9999999999999 inputs exceeds the limit of 4",
+        ),
+    ],
+)
+def test_a_malformed_npy_is_a_named_4xx_over_http(raw, status, reason, words):
+    """Not the catch-all ``bad_body`` with an internal exception, nor numpy's "Unable to allocate"."""
+    tc = TestClient(build_app(StubRuntime()), raise_server_exceptions=False)
+    r = tc.post("/v1/predict", json={"npy": base64.b64encode(raw).decode()})
+    assert r.status_code == status and r.json()["error"] == reason, r.text
+    assert words in r.json()["detail"]

@@ -9,8 +9,6 @@ scheduled send time to the reply.
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ import httpx
 import numpy as np
 
 from coinfer.errors import CoinferError
+from coinfer.serving.validation import encode_npy
 
 __all__ = [
     "LoadResult",
@@ -40,12 +39,6 @@ def check_loopback(url: str) -> None:
     host = urlparse(url).hostname or ""
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise CoinferError(f"the load generator targets loopback servers only, got host {host!r} in {url}")
-
-
-def _npy_b64(x: np.ndarray) -> str:
-    buf = io.BytesIO()
-    np.save(buf, x, allow_pickle=False)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 @dataclass
@@ -86,7 +79,7 @@ async def _run(
     idx = rng.integers(0, len(x), size=n)
     payloads = []
     for i in idx:
-        body: dict[str, Any] = {"npy": _npy_b64(x[i : i + 1]), "return_probabilities": False}
+        body: dict[str, Any] = {"npy": encode_npy(x[i : i + 1]), "return_probabilities": False}
         if mode:
             body["mode"] = mode
         payloads.append(json.dumps(body).encode())
