@@ -83,6 +83,14 @@ def serve(
     body_timeout: Annotated[
         float, typer.Option(help="Seconds to receive a request body before answering 408.")
     ] = 10.0,
+    max_body_readers: Annotated[
+        int | None,
+        typer.Option(
+            help="Most request bodies being received at once (a request is admitted only once its body "
+            "has arrived, so slow senders cannot take the --max-inflight slots); more get an immediate "
+            "503 'overloaded' with Retry-After (default: 4 x the --max-inflight limit)."
+        ),
+    ] = None,
 ) -> None:
     """Serve a bundle over HTTP on Ray: every request goes to all workers; the data outputs
     that are still missing once a decodable set and the decode slack have passed are decoded."""
@@ -111,6 +119,7 @@ def serve(
         trust_code=trust_code,
         max_condition=max_condition,
         max_inflight=max_inflight,
+        max_body_readers=max_body_readers,
         body_timeout_s=body_timeout,
     )
     manifest_n = None
