@@ -186,7 +186,7 @@ _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive's first local header; an empty zip
 _NPY_VERSIONS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
 _MAX_NPY_HEADER = 10_000
-"""Longest ``.npy`` header text accepted (numpy's own default; a (B, *input_shape) header is ~100)."""
+"""Longest ``.npy`` header text accepted (numpy's own default; the header of a batch of inputs takes about 128)."""
 
 
 def encode_npy(x: np.ndarray) -> str:
