@@ -16,9 +16,9 @@ import torch
 from coinfer import Bundle, Code, build_model, encode
 from coinfer.errors import CoinferError, UntrustedCodeError
 from coinfer.serving.commands import parse_tasks
+from coinfer.serving.config import ServeConfig
 from coinfer.serving.loadgen import LoadResult, reference_top1, summarize
 from coinfer.serving.metrics import Metrics
-from coinfer.serving.runtime import ServeConfig
 
 ARCH = {"name": "mlp", "kwargs": {"in_features": 4, "hidden": [8], "num_classes": 3}}
 
