@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from coinfer.errors import CoinferError
 from coinfer.experiments.data import class_split
 from coinfer.serving.client import AdminClient
 from coinfer.serving.loadgen import LoadResult, plot_cdf, reference_top1, run_load, summarize
@@ -136,7 +137,11 @@ def main() -> None:
             print("port taken while the server started; retrying", flush=True)
     admin = AdminClient(admin_url)
     info = httpx.get(url + "/v1/models").json()
-    reference = reference_top1(args.bundle, x, info["k"])
+    try:
+        reference = reference_top1(args.bundle, x, info["k"], served=info)
+    except CoinferError as exc:  # e.g. a bundle that needs --trust-code: no agreement columns
+        print(f"agreement not computed: {exc}", flush=True)
+        reference = None
     tasks = class_split(10, info["k"]) if args.tasks == "classes" else [list(range(10))] * info["k"]
     results: dict = {
         "bundle": str(args.bundle),

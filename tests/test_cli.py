@@ -300,3 +300,24 @@ def test_serve_refuses_code_in_a_bundle_before_starting_ray(monkeypatch, capsys,
     code, _, err = run_cli(monkeypatch, capsys, "serve", out, "--port", "0", "--admin-port", "0")
     assert code == 1 and "architecture 'os:system'" in err and "--trust-code" in err
     assert not marker.exists() and ray.is_initialized() == was_up
+
+
+def test_serve_passes_max_body_readers_into_its_config(monkeypatch, capsys, tmp_path):
+    from coinfer.errors import CoinferError
+    from coinfer.serving import server
+
+    seen = []
+
+    def start_runtime(config, sockets):
+        seen.append(config)
+        raise CoinferError("stopped by the test before Ray")
+
+    monkeypatch.setattr(server, "start_runtime", start_runtime)
+    args = ["serve", tmp_path, "--port", "0", "--admin-port", "0", "--max-inflight", "2"]
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--max-body-readers", "7")
+    assert code == 1 and "stopped by the test" in err
+    assert seen[0].max_body_readers == 7 and seen[0].body_reader_limit == 7
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 1 and seen[1].max_body_readers is None and seen[1].body_reader_limit == 8  # 4 x 2
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--max-body-readers", "0")
+    assert code == 1 and "max_body_readers must be an integer >= 1" in err and len(seen) == 2

@@ -7,6 +7,8 @@ before a request reaches the workers."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import socket
 import sys
@@ -103,8 +105,8 @@ def _asgi_post(app, chunks: list[bytes], content_length: int | None) -> tuple[in
     return status, json.loads(body), consumed
 
 
-def test_a_body_that_stops_arriving_gets_a_408_and_frees_its_admission_slot():
-    rt = StubRuntime(max_inflight=1, body_timeout_s=0.2)
+def test_a_body_that_stops_arriving_gets_a_408_and_frees_its_reader_slot():
+    rt = StubRuntime(max_inflight=1, max_body_readers=1, body_timeout_s=0.2)
     app = build_app(rt)
     ok = json.dumps({"inputs": [1, 2, 3, 4]}).encode()
 
@@ -126,8 +128,82 @@ def test_a_body_that_stops_arriving_gets_a_408_and_frees_its_admission_slot():
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
     assert status == 408 and body["error"] == "body_timeout" and "0.2s" in body["detail"]
-    status, _, _ = _asgi_post(app, [ok], content_length=len(ok))  # the one slot is free again
+    status, _, _ = _asgi_post(app, [ok], content_length=len(ok))  # the one reader slot is free again
     assert status == 200
+
+
+OK_BODY = json.dumps({"inputs": [1, 2, 3, 4]}).encode()
+
+
+async def _slow_post(app, release: asyncio.Event) -> int:
+    """POST /v1/predict whose body stops after 5 bytes until ``release`` is set (a client
+    sending at 1 byte/s, or stalled); returns the status of the answer."""
+    chunks = [OK_BODY[:5], OK_BODY[5:]]
+    sent: list[dict] = []
+
+    async def receive():
+        if len(chunks) == 1:
+            await release.wait()
+        return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+
+    async def send(message):
+        sent.append(message)
+
+    headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")]
+    await app(_scope(headers + [(b"content-length", str(len(OK_BODY)).encode())]), receive, send)
+    return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+
+def test_slow_bodies_do_not_take_the_admission_slots():
+    """The fault probe's case: 100 clients sending their body at 1 byte/s got normal requests a
+    503 while the admission slot was taken before the body was read. Now a request is admitted
+    once its body has arrived; the slow bodies only hold body-reader slots."""
+    rt = StubRuntime(max_inflight=1, max_body_readers=101, body_timeout_s=60)
+    app = build_app(rt)
+
+    async def main() -> None:
+        release = asyncio.Event()
+        slow = [asyncio.ensure_future(_slow_post(app, release)) for _ in range(100)]
+        await asyncio.sleep(0.05)  # every slow body has begun and waits
+        assert not any(t.done() for t in slow)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            t0 = time.perf_counter()
+            for _ in range(3):
+                resp = await client.post("/v1/predict", content=OK_BODY)
+                assert resp.status_code == 200, resp.text
+            assert time.perf_counter() - t0 < 2.0 and rt.calls == 3
+            release.set()  # the slow bodies arrive: each is admitted and answered in turn
+            assert await asyncio.gather(*slow) == [200] * 100
+            assert rt.calls == 103
+
+    asyncio.run(main())
+
+
+def test_more_slow_bodies_than_max_body_readers_get_a_fast_503_with_retry_after():
+    rt = StubRuntime(max_inflight=1, max_body_readers=3, body_timeout_s=60)
+    assert rt.config.body_reader_limit == 3
+    app = build_app(rt)
+
+    async def main() -> None:
+        release = asyncio.Event()
+        slow = [asyncio.ensure_future(_slow_post(app, release)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            t0 = time.perf_counter()
+            resp = await client.post("/v1/predict", content=OK_BODY)
+            assert time.perf_counter() - t0 < 1.0
+            assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+            body = resp.json()
+            assert body["error"] == "overloaded" and body["body_readers"] == 3 and body["limit"] == 3
+            assert "3 request bodies are being received" in body["detail"]
+            assert "--max-body-readers" in body["detail"] and "retry after 1s" in body["detail"]
+            assert rt.calls == 0
+            release.set()
+            assert await asyncio.gather(*slow) == [200] * 3
+            assert (await client.post("/v1/predict", content=OK_BODY)).status_code == 200  # slots free again
+            assert "coinfer_overloaded_total 1" in (await client.get("/metrics")).text
+
+    asyncio.run(main())
 
 
 def test_a_content_length_over_the_limit_is_refused_before_the_body_is_read():
@@ -231,7 +307,7 @@ def test_the_published_schema_says_exactly_one_of_inputs_or_npy():
     inputs = variants[0]["properties"]["inputs"]["anyOf"]
     assert inputs[0]["maxItems"] == 4 and inputs[1]["minItems"] == inputs[1]["maxItems"] == 4
     err = {"$ref": "#/components/schemas/ErrorResponse"}
-    for code in ("400", "413", "422", "502", "503", "504"):
+    for code in ("400", "408", "413", "422", "502", "503", "504"):
         assert post["responses"][code]["content"]["application/json"]["schema"] == err
 
 
@@ -332,3 +408,36 @@ def test_connections_on_the_pre_bound_sockets_get_tcp_nodelay():
 
     asyncio.run(main())
     assert got == {"nodelay": 1}
+
+
+def _npy_bytes(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x)
+    return buf.getvalue()
+
+
+def _npz_bytes() -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, x=np.zeros((1, 4), np.float32))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "raw,status,reason,words",
+    [
+        (_npy_bytes(np.zeros((1, 4), np.float32)) + b"junk", 400, "bad_npy", "4 trailing bytes"),
+        (_npz_bytes(), 400, "bad_npy", ".npz (zip) archive"),
+        (
+            _npy_bytes(np.zeros((1, 4), np.float32)).replace(b"(1, 4)", b"(9999999999999, 4)", 1)[:200],
+            413,
+            "too_large",
+            "batch of 9999999999999 inputs exceeds the limit of 4",
+        ),
+    ],
+)
+def test_a_malformed_npy_is_a_named_4xx_over_http(raw, status, reason, words):
+    """Not the catch-all ``bad_body`` with an internal exception, nor numpy's "Unable to allocate"."""
+    tc = TestClient(build_app(StubRuntime()), raise_server_exceptions=False)
+    r = tc.post("/v1/predict", json={"npy": base64.b64encode(raw).decode()})
+    assert r.status_code == status and r.json()["error"] == reason, r.text
+    assert words in r.json()["detail"]

@@ -102,6 +102,13 @@ def test_inflight_limit_default_and_validation(tmp_path):
     assert ServeConfig(tmp_path, max_inflight=5).inflight_limit == 5
     with pytest.raises(CoinferError, match="max_inflight"):
         ServeConfig(tmp_path, max_inflight=0)
+    # body readers: by default 4 x the admission bound, so slow senders cannot fill it
+    assert ServeConfig(tmp_path).body_reader_limit == 256
+    assert ServeConfig(tmp_path, max_inflight=5).body_reader_limit == 20
+    assert ServeConfig(tmp_path, max_inflight=5, max_body_readers=3).body_reader_limit == 3
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(CoinferError, match="max_body_readers must be an integer >= 1"):
+            ServeConfig(tmp_path, max_body_readers=bad)
 
 
 def _gated_runtime(tmp_path, limit: int) -> tuple[Runtime, asyncio.Event]:

@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import io
 import json
 import random
+import struct
+import tracemalloc
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from coinfer.errors import CoinferError
 from coinfer.serving.injection import Injection, parse_delay
 from coinfer.serving.metrics import Metrics
-from coinfer.serving.validation import RequestError, json_depth, parse_predict_request, read_body
+from coinfer.serving.validation import (
+    RequestError,
+    decode_npy,
+    encode_npy,
+    json_depth,
+    parse_predict_request,
+    read_body,
+)
 
 SHAPE = (1, 4, 4)
 
@@ -186,3 +198,209 @@ def test_metrics_render_prometheus_text():
         "coinfer_worker_failures",
     } <= names
     assert Metrics().render().count("coinfer_requests_total{") == 0  # one registry per instance
+
+
+# --------------------------------------------------------------------------- strict .npy framing
+
+
+def _header(descr: str, shape, fortran: bool = False) -> str:
+    return f"{{'descr': {descr}, 'fortran_order': {fortran}, 'shape': {tuple(shape)!r}, }}"
+
+
+def _npy_raw(header: str, data: bytes = b"", version=(1, 0)) -> bytes:
+    """A .npy file written by hand: magic, version, header length, header, data."""
+    text = header.encode("utf-8")
+    width = "<H" if version[0] < 2 else "<I"
+    return b"\x93NUMPY" + bytes(version) + struct.pack(width, len(text) + 1) + text + b"\n" + data
+
+
+def _b64(raw: bytes) -> dict:
+    return {"npy": base64.b64encode(raw).decode()}
+
+
+def _saved(x: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x, **kw)
+    return buf.getvalue()
+
+
+def _npz(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+X2 = np.arange(2 * 16, dtype=np.float32).reshape(2, *SHAPE)
+
+
+@pytest.mark.parametrize(
+    "raw,status,reason,words",
+    [
+        (_saved(X2) + b"\x00" * 3, 400, "bad_npy", "3 trailing bytes after the array"),
+        (_saved(X2)[:-4], 400, "bad_npy", "needs exactly 128: the array is cut short"),
+        (_npz(x=X2), 400, "bad_npy", "a .npz (zip) archive"),
+        (b"\x93NUM", 400, "bad_npy", "not a .npy array"),
+        (b"\x93NUMPY\x01", 400, "bad_npy", "cut short: 7 bytes"),
+        (_npy_raw(_header("'<f4'", (1, 1, 4, 4)), version=(3, 0)), 400, "bad_npy", "version 3.0"),
+        (_npy_raw(_header("'<f4'", (1, 1, 4, 4)), version=(9, 1)), 400, "bad_npy", "expected 1.0 or 2.0"),
+        (_npy_raw("{'descr': '<f4'}"), 400, "bad_npy", "invalid .npy header"),
+        (_npy_raw("not a dict ((("), 400, "bad_npy", "invalid .npy header"),
+        (_npy_raw(_header("'<f4'", (-1, 1, 4, 4))), 400, "bad_npy", "integers >= 0"),
+        (_npy_raw(_header("'<f4'", (True, 1, 4, 4))), 400, "bad_npy", "integers >= 0"),
+        (
+            _npy_raw("{'descr': '<f4', 'fortran_order': False, 'shape': (1,)" + " " * 20_000 + "}"),
+            400,
+            "bad_npy",
+            "header of 20056 bytes; the limit is 10000",
+        ),
+        (_npy_raw(_header("'<f4'", SHAPE))[:12], 400, "bad_npy", "invalid .npy header (ValueError: EOF"),
+        (
+            _saved(np.array([{"a": 1}] * 16, dtype=object).reshape(SHAPE), allow_pickle=True),
+            422,
+            "bad_dtype",
+            "dtype object: Python objects (a pickle)",
+        ),
+        (
+            _npy_raw(_header("'|O'", SHAPE), b"\x00" * 128),
+            422,
+            "bad_dtype",
+            "dtype object: Python objects (a pickle)",
+        ),
+        (_saved(np.zeros(SHAPE, dtype=[("a", "<f4")])), 422, "bad_dtype", "structured dtype"),
+        (_npy_raw(_header("('<f4', (2,))", SHAPE)), 422, "bad_dtype", "subarray dtype"),
+        (_saved(np.zeros(SHAPE, dtype=np.complex64)), 422, "bad_dtype", "dtype complex64"),
+        (
+            _saved(np.zeros((2, 7), dtype=np.float32)),
+            422,
+            "bad_shape",
+            "have shape (2, 7), expected (B, 1, 4, 4)",
+        ),
+        (_npy_raw(_header("'<f4'", (0, 1, 4, 4))), 422, "bad_shape", "empty batch"),
+        # a header claiming 292 GiB: refused from the header, nothing allocated
+        (
+            _npy_raw(_header("'<f4'", (4_900_000_000, 1, 4, 4)), b"\x00" * 64),
+            413,
+            "too_large",
+            "batch of 4900000000 inputs exceeds the limit of 8",
+        ),
+        (_npy_raw(_header("'<f4'", (2**70, 1, 4, 4))), 413, "too_large", "limit of 8"),
+    ],
+)
+def test_npy_framing_is_strict_and_names_the_problem(raw, status, reason, words):
+    tracemalloc.start()
+    try:
+        with pytest.raises(RequestError) as ei:
+            _parse(_b64(raw))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ei.value.status == status and ei.value.reason == reason, ei.value.message
+    assert words in ei.value.message, ei.value.message
+    assert peak < 200_000 + 4 * len(raw)
+
+
+def test_npy_in_fortran_order_big_endian_or_version_2_gives_the_same_inputs():
+    want, _ = _parse(_b64(_saved(X2)))
+    assert want.flags.writeable and want.flags.c_contiguous
+    fortran = np.asfortranarray(X2)
+    assert _saved(fortran).count(b"'fortran_order': True") == 1
+    for raw in (
+        _saved(fortran),
+        _saved(X2.astype(">f4")),
+        _saved(X2.astype(np.float64)),
+        _npy_raw(_header("'<f4'", X2.shape), X2.tobytes(), version=(2, 0)),
+        _npy_raw(_header("'<f4'", X2.shape, fortran=True), X2.tobytes(order="F")),
+    ):
+        got, _ = _parse(_b64(raw))
+        assert got.dtype == np.float32 and got.flags.writeable and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, want)
+
+
+def test_decode_npy_is_a_view_of_the_body_and_encode_npy_is_its_inverse():
+    from coinfer.serving import client, loadgen
+
+    assert client.encode_npy is encode_npy and loadgen.encode_npy is encode_npy  # one encoder
+    raw = base64.b64decode(encode_npy(X2))
+    assert raw.startswith(b"\x93NUMPY\x01\x00")
+    x = decode_npy(raw, SHAPE, 8)
+    assert not x.flags.writeable and np.shares_memory(x, np.frombuffer(raw, np.uint8))
+    np.testing.assert_array_equal(x, X2)
+    one = decode_npy(base64.b64decode(encode_npy(X2[0])), SHAPE, 8)
+    assert one.shape == SHAPE
+    with pytest.raises(ValueError):
+        encode_npy(np.array([{}], dtype=object))
+
+
+_NUMERIC = ["'<f4'", "'>f8'", "'|u1'", "'<i8'", "'<f2'"]
+_OTHER = [
+    "'|b1'",
+    "'|O'",
+    "'<c8'",
+    "'<U3'",
+    "'V4'",
+    "[('a', '<f4')]",
+    "('<f4', (2,))",
+    "'<M8[s]'",
+    "'nonsense'",
+    "7",
+    "None",
+]
+_GOOD_SHAPES = [SHAPE, (1, *SHAPE), (3, *SHAPE), (8, *SHAPE)]
+_BAD_SHAPES = st.one_of(
+    st.sampled_from([(9, *SHAPE), (0, *SHAPE), (2**40, *SHAPE), (2**64, *SHAPE), (-1, *SHAPE)]),
+    st.lists(st.one_of(st.integers(-3, 20), st.sampled_from([2**31, 2**40, 2**64])), max_size=5).map(tuple),
+)
+
+
+def _often(draw, common, rare, p_common: int = 7):
+    """``common`` in ``p_common`` of 10 draws, else ``rare`` (strategies)."""
+    return draw(common if draw(st.integers(0, 9)) < p_common else rare)
+
+
+@st.composite
+def _npy_like(draw) -> bytes:
+    """Bytes that are, or are close to, a .npy of inputs; or anything at all."""
+    kind = draw(st.integers(0, 9))
+    if kind == 0:
+        return draw(st.binary(max_size=600))
+    if kind == 1:
+        return b"PK\x03\x04" + draw(st.binary(max_size=200))
+    descr = _often(draw, st.sampled_from(_NUMERIC), st.sampled_from(_OTHER))
+    shape = _often(draw, st.sampled_from(_GOOD_SHAPES), _BAD_SHAPES)
+    header = _often(draw, st.just(_header(descr, shape, draw(st.booleans()))), st.text(max_size=80), 9)
+    try:
+        itemsize = np.dtype(ast.literal_eval(descr)).itemsize if descr not in ("7", "None") else 4
+    except TypeError:
+        itemsize = 4
+    count = int(np.prod(shape)) if all(0 <= d < 100 for d in shape) else 0
+    length = max(0, count * itemsize + _often(draw, st.just(0), st.sampled_from([-1, 1, -7, 64])))
+    data = draw(st.binary(min_size=min(length, 2000), max_size=min(length, 2000)))
+    version = _often(draw, st.sampled_from([(1, 0), (2, 0)]), st.sampled_from([(3, 0), (0, 0), (255, 1)]), 8)
+    raw = _npy_raw(header, data, version) if version[0] in (1, 2, 3) else b"\x93NUMPY" + bytes(version) + data
+    return raw if draw(st.integers(0, 9)) else raw[: draw(st.integers(0, len(raw)))]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_npy_like())
+def test_any_npy_bytes_give_a_4xx_or_inputs_and_allocate_no_more_than_the_body(raw):
+    body = json.dumps(_b64(raw)).encode()
+    tracemalloc.start()
+    try:
+        try:
+            x, _ = parse_predict_request(body, SHAPE, 8, 1 << 20)
+        except RequestError as exc:
+            event(exc.reason)
+            reasons = {"bad_npy", "bad_dtype", "bad_shape", "too_large", "not_finite"}
+            assert exc.status in (400, 413, 422) and exc.reason in reasons
+            assert exc.message.startswith(
+                ("'npy'", "inputs must be numbers", "inputs e", "inputs c", "batch of")
+            )
+        else:
+            event("accepted")
+            assert x.dtype == np.float32 and x.shape[1:] == SHAPE and 1 <= len(x) <= 8
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # the JSON text, the decoded bytes and one float32 copy of at most 4 times the data (uint8 ->
+    # float32): a bounded multiple of the body, never what a header claims
+    assert peak <= 8 * len(body) + 300_000, (peak, len(body))

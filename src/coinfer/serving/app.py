@@ -106,7 +106,15 @@ def build_app(runtime: Runtime) -> FastAPI:
     names = runtime.class_names
     cfg = runtime.config
     limit = cfg.inflight_limit
+    reader_limit = cfg.body_reader_limit
     inflight = 0  # prediction requests admitted and not yet answered (one event loop: no lock)
+    readers = 0  # request bodies being received
+
+    def overloaded(detail: str, **extra: Any) -> JSONResponse:
+        runtime.metrics.overloaded()
+        resp = _error(503, "overloaded", f"{detail}; retry after {RETRY_AFTER_S}s", **extra)
+        resp.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return resp
 
     @app.post(
         "/v1/predict",
@@ -128,8 +136,9 @@ def build_app(runtime: Runtime) -> FastAPI:
             422: _err("Wrong shape or dtype, NaN/inf, unknown mode."),
             502: _err("A worker returned an output that cannot be decoded."),
             503: _err(
-                "`overloaded` (too many requests in flight; retry after `Retry-After` seconds) "
-                "or `no_decodable_set` (too many workers failed or are down to decode)."
+                "`overloaded` (too many requests in flight, or too many request bodies being "
+                "received; retry after `Retry-After` seconds) or `no_decodable_set` (too many "
+                "workers failed or are down to decode)."
             ),
             504: _err("No decodable set within the request timeout."),
         },
@@ -138,42 +147,61 @@ def build_app(runtime: Runtime) -> FastAPI:
         """Run the inputs on the workers; return every data model's output as soon as
         a decodable set has arrived, with ``reconstructed`` per model.
 
-        Admission comes first, before the body is read: with ``max_inflight``
-        requests in flight the answer is an immediate 503 ``overloaded`` with a
+        The body is read first, by one of at most ``max_body_readers`` readers, within
+        the body timeout (408 after it); only a request whose body has arrived is
+        admitted, so slow senders cannot take the admission slots. With
+        ``max_inflight`` requests in flight, or ``max_body_readers`` bodies being
+        received, the answer is an immediate 503 ``overloaded`` with a
         ``Retry-After`` header."""
-        nonlocal inflight
+        nonlocal inflight, readers
         t0 = time.perf_counter()
+        if readers >= reader_limit:
+            return overloaded(
+                f"{readers} request bodies are being received, the server's limit (--max-body-readers)",
+                body_readers=readers,
+                limit=reader_limit,
+            )
+        readers += 1
+        try:
+            body = await _read(request)
+        except RequestError as exc:
+            runtime.metrics.bad_request(exc.reason)
+            return _error(exc.status, exc.reason, exc.message)
+        finally:
+            readers -= 1
         if inflight >= limit:
-            runtime.metrics.overloaded()
-            resp = _error(
-                503,
-                "overloaded",
-                f"{inflight} requests are in flight, the server's limit (--max-inflight); "
-                f"retry after {RETRY_AFTER_S}s",
+            return overloaded(
+                f"{inflight} requests are in flight, the server's limit (--max-inflight)",
                 inflight=inflight,
                 limit=limit,
             )
-            resp.headers["Retry-After"] = str(RETRY_AFTER_S)
-            return resp
         inflight += 1
         try:
-            return await _predict(request, t0)
+            return await _predict(body, t0)
         finally:
             inflight -= 1
 
-    async def _predict(request: Request, t0: float) -> Response:
+    async def _read(request: Request) -> bytes:
+        # bounded: Content-Length checked first, then a counted read of the stream, in a
+        # bounded time (a client that stops sending must not hold its reader slot)
         try:
-            # bounded: Content-Length checked first, then a counted read of the stream, in a
-            # bounded time (a client that stops sending must not hold its admission slot)
-            try:
-                body = await asyncio.wait_for(
-                    read_body(request.headers.get("content-length"), request.stream(), cfg.max_body_bytes),
-                    cfg.body_timeout_s,
-                )
-            except TimeoutError:
-                raise RequestError(
-                    408, "body_timeout", f"the request body did not arrive within {cfg.body_timeout_s:g}s"
-                ) from None
+            return await asyncio.wait_for(
+                read_body(request.headers.get("content-length"), request.stream(), cfg.max_body_bytes),
+                cfg.body_timeout_s,
+            )
+        except TimeoutError:
+            raise RequestError(
+                408, "body_timeout", f"the request body did not arrive within {cfg.body_timeout_s:g}s"
+            ) from None
+        except RequestError:
+            raise
+        except Exception as exc:  # e.g. the client disconnected: still the body's fault, never a 500
+            raise RequestError(
+                400, "bad_body", f"request body could not be read: {type(exc).__name__}: {exc}"
+            ) from None
+
+    async def _predict(body: bytes, t0: float) -> Response:
+        try:
             x, opts = parse_predict_request(body, runtime.input_shape, cfg.max_batch, cfg.max_body_bytes)
             mode = opts.get("mode", runtime.mode)
             if mode not in MODES:

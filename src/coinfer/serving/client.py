@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import base64
-import io
 from typing import Any
 
 import httpx
 import numpy as np
 
 from coinfer.errors import CoinferError
+from coinfer.serving.validation import encode_npy
 
-__all__ = ["Client", "ServerError"]
+__all__ = ["Client", "ServerError", "encode_npy"]
 
 
 class ServerError(CoinferError):
@@ -31,13 +30,6 @@ def _raise_for(resp: httpx.Response) -> None:
     except ValueError:
         reason, detail = "error", resp.text
     raise ServerError(resp.status_code, str(reason), str(detail))
-
-
-def encode_npy(x: np.ndarray) -> str:
-    """Base64 of ``x`` saved as ``.npy`` (the ``npy`` request field)."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(x), allow_pickle=False)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 class Client:

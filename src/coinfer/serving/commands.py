@@ -13,7 +13,7 @@ from rich.console import Console
 from coinfer.cli_help import MAX_CONDITION_HELP, TRUST_CODE_HELP
 from coinfer.errors import CoinferError
 
-__all__ = ["register"]
+__all__ = ["parse_tasks", "register"]
 
 console = Console()
 _URL_OPT = typer.Option(help="Admin URL (loopback).")
@@ -83,6 +83,14 @@ def serve(
     body_timeout: Annotated[
         float, typer.Option(help="Seconds to receive a request body before answering 408.")
     ] = 10.0,
+    max_body_readers: Annotated[
+        int | None,
+        typer.Option(
+            help="Most request bodies being received at once (a request is admitted only once its body "
+            "has arrived, so slow senders cannot take the --max-inflight slots); more get an immediate "
+            "503 'overloaded' with Retry-After (default: 4 x the --max-inflight limit)."
+        ),
+    ] = None,
 ) -> None:
     """Serve a bundle over HTTP on Ray: every request goes to all workers; the data outputs
     that are still missing once a decodable set and the decode slack have passed are decoded."""
@@ -111,6 +119,7 @@ def serve(
         trust_code=trust_code,
         max_condition=max_condition,
         max_inflight=max_inflight,
+        max_body_readers=max_body_readers,
         body_timeout_s=body_timeout,
     )
     manifest_n = None
@@ -147,6 +156,139 @@ def serve(
         console.print("stopped")
 
 
+def _classes_text(classes: list[int]) -> str:
+    """``[0, 1, 2, 3, 5]`` as ``0-3,5``."""
+    runs: list[list[int]] = []
+    for c in sorted(set(classes)):
+        if runs and runs[-1][1] == c - 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def parse_tasks(text: str, k: int, num_classes: int | None) -> list[list[int]] | None:
+    """The ``--tasks`` of ``bench latency``: which labels each of the ``k`` served outputs is
+    scored on. ``all``: every output on every label (``None``); ``classes``: output ``j`` on
+    the ``j``-th contiguous block of the ``num_classes`` classes (the class split of
+    ``coinfer demo`` and ``make_mnist_bundle.py --split classes``); or ``k`` groups separated
+    by ``;``, each a comma-separated list of classes or ranges, e.g. ``0-4;5-9``.
+
+    Raises:
+        CoinferError: anything else, naming the value and what was expected.
+    """
+    spec = text.strip().lower()
+    if spec == "all":
+        return None
+    if spec == "classes":
+        if num_classes is None:
+            raise CoinferError(
+                "--tasks classes needs the number of classes, and the server reports no class_names; "
+                "give the groups, e.g. --tasks '0-4;5-9'"
+            )
+        from coinfer.experiments.data import class_split
+
+        return class_split(num_classes, k)
+    groups: list[list[int]] = []
+    try:
+        for group in spec.split(";"):
+            classes: list[int] = []
+            for item in group.split(","):
+                lo, _, hi = item.strip().partition("-")
+                classes += list(range(int(lo), int(hi or lo) + 1))
+            groups.append(classes)
+    except ValueError:
+        raise CoinferError(
+            f"--tasks must be 'all', 'classes' or {k} groups of classes like '0-4;5-9', got {text!r}"
+        ) from None
+    if len(groups) != k or not all(groups):
+        raise CoinferError(
+            f"--tasks {text!r} gives {len(groups)} groups of classes; the server serves k = {k}"
+        )
+    if num_classes is not None:
+        bad = sorted({c for g in groups for c in g if not 0 <= c < num_classes})
+        if bad:
+            raise CoinferError(
+                f"--tasks {text!r} names classes {bad}; the server's classes are 0..{num_classes - 1}"
+            )
+    return groups
+
+
+def _reference(info: dict, x: np.ndarray, bundle: Path | None, trust_code: bool):
+    """``(reference top-1, None)``, or ``(None, why it cannot be computed and how to fix it)``."""
+    from coinfer.errors import UntrustedCodeError
+    from coinfer.serving.loadgen import reference_top1
+
+    path = bundle if bundle is not None else info["bundle"]
+    try:
+        return reference_top1(path, x, info["k"], trust_code=trust_code, served=info), None
+    except UntrustedCodeError:
+        name = (info.get("architecture") or {}).get("name", "?")
+        return None, (
+            f"the bundle {path} has the architecture {name!r}, which is code, not a registered "
+            "architecture; pass --trust-code to run its data models here (only for a bundle you trust), "
+            "or --no-agreement"
+        )
+    except CoinferError as exc:
+        where = " (the path the server reports in /v1/models)" if bundle is None else ""
+        return None, (
+            f"{exc}{where}; pass --bundle with the served bundle's directory as seen from here, "
+            "or --no-agreement"
+        )
+
+
+def _line(text: str) -> None:
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _report(summary: dict, tasks: list[list[int]] | None, data: Path | None, reference) -> None:
+    """The agreement and accuracy lines of ``bench latency``."""
+    if summary.get("agreement") is not None:
+        scope = "" if tasks is None else ", on inputs of each output's own classes"
+        n_rec = summary["agreement_reconstructed_outputs"]
+        _line(
+            f"agreement with the data models' own top-1 (the uncoded answer, computed here{scope}): "
+            f"{summary['agreement']:.4f} of {summary['agreement_outputs']} outputs; "
+            + (
+                f"{summary['agreement_reconstructed']:.4f} of {n_rec} reconstructed"
+                if n_rec
+                else "no output was reconstructed"
+            )
+        )
+    if "accuracy" not in summary:
+        return
+    if tasks is None:
+        key, scoring = "accuracy", "every output scored against the label of its input (--tasks all)"
+    else:
+        key = "task_accuracy"
+        scoring = "output " + ", output ".join(
+            f"{j} scored on inputs labelled {_classes_text(t)}" for j, t in enumerate(tasks)
+        )
+    if summary.get(key) is None:
+        _line(f"task accuracy vs the labels of {data}: no answered input has a label of the scored classes")
+        return
+    parts = [f"served {summary[key]:.4f}"]
+    sub = [
+        f"{what} {summary[f'{key}_{what}']:.4f}"
+        for what in ("received", "reconstructed")
+        if summary.get(f"{key}_{what}") is not None
+    ]
+    if sub:
+        parts[0] += f" ({', '.join(sub)})"
+    own = summary.get("data_model_accuracy" if tasks is None else "data_model_task_accuracy")
+    if own is not None:
+        parts.append(f"the data models themselves {own:.4f}")
+    _line(f"task accuracy vs the labels of {data}, {scoring}: {', '.join(parts)}")
+    if tasks is None and reference is not None and reference.shape[1] > 1:
+        predicted = [set(np.unique(reference[:, j]).tolist()) for j in range(reference.shape[1])]
+        if all(not (p & q) for i, p in enumerate(predicted) for q in predicted[i + 1 :]):
+            shown = " / ".join(_classes_text(sorted(p)) for p in predicted)
+            _line(
+                f"  the data models predict disjoint classes on these inputs ({shown}): a class-split "
+                "bundle? --tasks classes scores each output on its own classes only"
+            )
+
+
 def latency(
     url: Annotated[str, typer.Option(help="Server URL (loopback only).")] = "http://127.0.0.1:8000",
     data: Annotated[
@@ -168,15 +310,34 @@ def latency(
     agreement: Annotated[
         bool,
         typer.Option(
-            help="Also run the server's data models here (its bundle path must be readable) and report how "
-            "often each served output's top-1 agrees with what its data model says."
+            help="Also run the served bundle's data models here and report how often each served output's "
+            "top-1 agrees with what its data model says (the uncoded answer), overall and on reconstructed "
+            "outputs."
         ),
     ] = True,
+    bundle: Annotated[
+        Path | None,
+        typer.Option(
+            help="The served bundle's directory as seen from here, for the agreement (default: the path the "
+            "server reports in /v1/models); it must match the served code, architecture and shapes."
+        ),
+    ] = None,
+    trust_code: Annotated[bool, typer.Option("--trust-code", help=TRUST_CODE_HELP)] = False,
+    tasks: Annotated[
+        str,
+        typer.Option(
+            help="With labels (y in --data): which labels each served output is scored on. 'all': every "
+            "output on every label (models trained on all classes); 'classes': output j on the j-th "
+            "contiguous block of classes (class-split bundles, as in coinfer demo); or k groups like "
+            "'0-4;5-9'."
+        ),
+    ] = "all",
 ) -> None:
-    """Open-loop Poisson load: p50/p90/p99/p99.9, gap, throughput, reconstructed fraction, accuracy."""
+    """Open-loop Poisson load: p50/p90/p99/p99.9, gap, throughput, reconstructed fraction, agreement
+    of the served outputs with the data models' own answers and, with labels, task accuracy."""
     import httpx
 
-    from coinfer.serving.loadgen import check_loopback, plot_cdf, reference_top1, run_load, summarize
+    from coinfer.serving.loadgen import check_loopback, plot_cdf, run_load, summarize
     from coinfer.serving.runtime import parse_decode_slack
 
     check_loopback(url)
@@ -201,6 +362,10 @@ def latency(
             raise CoinferError(f"{data}: x has shape {x.shape}, the server expects (N, {shape})")
     else:
         x = np.random.default_rng(seed).standard_normal((256, *shape)).astype(np.float32)
+    names = info.get("class_names")
+    groups = parse_tasks(tasks, info["k"], len(names) if names else None)
+    if groups is not None and y is None:
+        raise CoinferError(f"--tasks {tasks} scores labels, but there are none: give --data with a 'y' array")
     if slack is not None:
         from coinfer.serving.client import AdminClient
 
@@ -209,14 +374,18 @@ def latency(
             admin.config(decode_slack=slack)
         finally:
             admin.close()
-    reference = reference_top1(info["bundle"], x, info["k"]) if agreement else None
+    reference, why = _reference(info, x, bundle, trust_code) if agreement else (None, None)
+    if why is not None:  # said once, before the run, so that a long run can be stopped and fixed
+        _line(f"agreement not computed: {why}")
     console.print(
         f"{rate:g} req/s Poisson, up to {requests} requests / {duration:g}s, mode {mode or 'server default'}"
     )
     res = run_load(
         url, x, y, rate=rate, requests=requests, duration_s=duration, mode=mode, seed=seed, k=info["k"]
     )
-    summary = summarize(res, reference=reference)
+    summary = summarize(res, reference=reference, tasks=groups)
+    if why is not None:
+        summary["agreement_not_computed"] = why
     if decode_slack is not None:
         summary["decode_slack"] = decode_slack
     summary["latency_ms"] = [None if np.isnan(v) else round(float(v) * 1000, 4) for v in res.latency_s]
@@ -226,16 +395,12 @@ def latency(
     plot_cdf({mode or info["default_mode"]: res.latency_s * 1000}, plot, title=f"{rate:g} req/s")
     keys = ["p50_ms", "p90_ms", "p99_ms", "p999_ms", "gap_p999_p50_ms", "throughput_rps"]
     console.print("  ".join(f"{key}={summary[key]:.2f}" for key in keys if key in summary))
-    console.print(
-        f"answered {summary['answered']}/{summary['sent']}, reconstructed {summary['reconstructed_fraction']:.3f}"
-        + (f", accuracy {summary['accuracy']:.4f}" if "accuracy" in summary else "")
-        + (
-            f", agreement with the data models {summary['agreement']:.4f}"
-            if summary.get("agreement") is not None
-            else ""
-        )
+    _line(
+        f"answered {summary['answered']}/{summary['sent']}, reconstructed {summary['reconstructed_fraction']:.3f} "
+        f"of requests ({summary['reconstructed_outputs']} outputs)"
         + (f", errors {summary['errors']}" if summary["errors"] else "")
     )
+    _report(summary, groups, data, reference)
     console.print(f"wrote {out} and {plot}")
 
 

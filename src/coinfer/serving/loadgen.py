@@ -9,8 +9,6 @@ scheduled send time to the reply.
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ import httpx
 import numpy as np
 
 from coinfer.errors import CoinferError
+from coinfer.serving.validation import encode_npy
 
 __all__ = [
     "LoadResult",
@@ -40,12 +39,6 @@ def check_loopback(url: str) -> None:
     host = urlparse(url).hostname or ""
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise CoinferError(f"the load generator targets loopback servers only, got host {host!r} in {url}")
-
-
-def _npy_b64(x: np.ndarray) -> str:
-    buf = io.BytesIO()
-    np.save(buf, x, allow_pickle=False)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 @dataclass
@@ -86,7 +79,7 @@ async def _run(
     idx = rng.integers(0, len(x), size=n)
     payloads = []
     for i in idx:
-        body: dict[str, Any] = {"npy": _npy_b64(x[i : i + 1]), "return_probabilities": False}
+        body: dict[str, Any] = {"npy": encode_npy(x[i : i + 1]), "return_probabilities": False}
         if mode:
             body["mode"] = mode
         payloads.append(json.dumps(body).encode())
@@ -256,19 +249,62 @@ def burst(
     return asyncio.run(main())
 
 
-def reference_top1(bundle: str | Path, x: np.ndarray, k: int, batch: int = 512) -> np.ndarray | None:
+def reference_top1(
+    bundle: str | Path,
+    x: np.ndarray,
+    k: int,
+    batch: int = 512,
+    *,
+    trust_code: bool = False,
+    served: dict[str, Any] | None = None,
+) -> np.ndarray:
     """``(N, k)`` top-1 of each of the bundle's data models on every input of ``x``,
-    computed here (``None`` when the bundle cannot be read from this machine)."""
+    computed here: the uncoded answer each served output should agree with.
+
+    Args:
+        bundle: the bundle directory, as seen from this machine.
+        x: ``(N, *input_shape)`` inputs.
+        k: the number of data models the server serves.
+        batch: rows per forward pass.
+        trust_code: allow a bundle whose architecture is code (``package.module:factory``).
+        served: the server's ``GET /v1/models`` summary; the bundle must match it
+            (k, r, parity weights, architecture, input shape, class names).
+
+    Raises:
+        UntrustedCodeError: the architecture is code and ``trust_code`` is False.
+        CoinferError: the bundle cannot be read here, or is not the served one, naming why.
+    """
     import torch
 
     from coinfer.bundle import Bundle
 
     try:
-        b = Bundle.load(bundle)
-    except (OSError, CoinferError):
-        return None
+        b = Bundle.load(bundle, trust_code=trust_code)
+    except OSError as exc:
+        raise CoinferError(f"cannot read the bundle {bundle}: {exc}") from None
     if b.code.k != k:
-        return None
+        raise CoinferError(f"the bundle {bundle} has k = {b.code.k} data models, the server serves k = {k}")
+    if tuple(b.input_shape) != tuple(x.shape[1:]):
+        raise CoinferError(
+            f"the bundle {bundle} takes inputs of shape {tuple(b.input_shape)}, not {tuple(x.shape[1:])}"
+        )
+    if served is not None:
+        here = {
+            "r": b.code.r,
+            "architecture": b.manifest.get("architecture"),
+            "input_shape": list(b.input_shape),
+            "class_names": b.class_names,
+        }
+        differ = [key for key, value in here.items() if key in served and served[key] != value]
+        weights = served.get("weights")
+        if weights is not None and (
+            np.shape(weights) != b.code.weights.shape or not np.allclose(weights, b.code.weights)
+        ):
+            differ.append("weights")
+        if differ:
+            raise CoinferError(
+                f"the bundle {bundle} is not the one the server serves: its {', '.join(differ)} differ"
+            )
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     out = np.empty((len(x), k), dtype=np.int64)
     with torch.inference_mode():
@@ -286,17 +322,27 @@ def _mean(a: np.ndarray) -> float | None:
 def summarize(
     res: LoadResult, reference: np.ndarray | None = None, tasks: list[list[int]] | None = None
 ) -> dict[str, Any]:
-    """Percentiles (ms), gap, throughput, reconstructed fraction, served accuracy, errors.
+    """Percentiles (ms), gap, throughput, reconstructed fraction, agreement, accuracy, errors.
 
     Args:
         res: the run.
         reference: ``(len(x), k)`` top-1 of each data model on every input (see
-            :func:`reference_top1`): adds ``agreement`` (served top-1 equals the
-            data model's own), overall, on received and on reconstructed outputs
-            (with ``tasks``: on inputs of the model's own classes only).
+            :func:`reference_top1`): adds ``agreement`` (the fraction of served
+            outputs whose top-1 equals the data model's own, i.e. the uncoded
+            answer), overall, per model (``agreement_per_model``), on received and
+            on reconstructed outputs, with the counts scored (``agreement_outputs``,
+            ``agreement_reconstructed_outputs``); with ``tasks``: on inputs of each model's
+            own classes only. With labels it also adds the data models' own
+            accuracy under the same scoring (``data_model_accuracy``,
+            ``data_model_task_accuracy``), for comparison with the served one.
         tasks: the classes of each data model (class-split bundles): adds
             ``task_accuracy``, the accuracy of each served output on inputs of
-            its model's classes only (also on received / reconstructed outputs).
+            its model's classes only (also per model, on received / reconstructed
+            outputs), and ``task_scoring`` (the classes scored per output).
+
+    With labels (``res.has_label``), ``accuracy`` scores every served output against
+    the label of its input (``accuracy_scoring`` says so): meaningful when every data
+    model is trained on every class, not for a class-split bundle (use ``tasks``).
     """
     ok = ~np.isnan(res.latency_s)
     lat_ms = res.latency_s[ok] * 1000.0
@@ -318,31 +364,39 @@ def summarize(
         )
     out["throughput_rps"] = float(ok.sum() / res.duration_s) if res.duration_s > 0 else 0.0
     out["reconstructed_fraction"] = float(res.reconstructed[ok].mean()) if ok.any() else 0.0
+    rec = res.reconstructed_outputs[ok]
+    out["reconstructed_outputs"] = int(rec.sum())
+    k = rec.shape[1]
+    lab = res.labels[ok]
+    own = (  # (n_ok, k): the outputs whose answer means something for their input
+        np.ones_like(rec) if tasks is None else np.stack([np.isin(lab, t) for t in tasks], axis=1)
+    )
+    ref = reference[res.index[ok]] if reference is not None else None
     if res.has_label and ok.any():
         corr = res.correct[ok]
-        rec = res.reconstructed_outputs[ok]
         out["accuracy"] = float(corr.mean())
+        out["accuracy_scoring"] = "every output against the label of its input"
         out["accuracy_per_model"] = [float(c) for c in corr.mean(axis=0)]
         out["accuracy_received"] = float(corr[~rec].mean()) if (~rec).any() else None
         out["accuracy_reconstructed"] = float(corr[rec].mean()) if rec.any() else None
+        if ref is not None:
+            out["data_model_accuracy"] = float((ref == lab[:, None]).mean())
         if tasks is not None:
-            lab = res.labels[ok]
-            own = np.stack([np.isin(lab, t) for t in tasks], axis=1)  # (n_ok, k)
+            out["task_scoring"] = [list(map(int, t)) for t in tasks]
             out["task_accuracy"] = _mean(corr[own])
-            out["task_accuracy_per_model"] = [_mean(corr[own[:, j], j]) for j in range(len(tasks))]
+            out["task_accuracy_per_model"] = [_mean(corr[own[:, j], j]) for j in range(k)]
             out["task_accuracy_received"] = _mean(corr[own & ~rec])
             out["task_accuracy_reconstructed"] = _mean(corr[own & rec])
-    if reference is not None and ok.any():
-        agree = res.top1[ok] == reference[res.index[ok]]
-        rec = res.reconstructed_outputs[ok]
-        # with tasks, only where the model's answer means something: inputs of its own classes
-        mask = (
-            np.ones_like(rec) if tasks is None else np.stack([np.isin(res.labels[ok], t) for t in tasks], 1)
-        )
-        out["agreement"] = _mean(agree[mask])
-        out["agreement_received"] = _mean(agree[mask & ~rec])
-        out["agreement_reconstructed"] = _mean(agree[mask & rec])
-        out["reconstructed_outputs"] = int(rec.sum())
+            if ref is not None:
+                out["data_model_task_accuracy"] = _mean((ref == lab[:, None])[own])
+    if ref is not None and ok.any():
+        agree = res.top1[ok] == ref
+        out["agreement"] = _mean(agree[own])
+        out["agreement_per_model"] = [_mean(agree[own[:, j], j]) for j in range(k)]
+        out["agreement_received"] = _mean(agree[own & ~rec])
+        out["agreement_reconstructed"] = _mean(agree[own & rec])
+        out["agreement_outputs"] = int(own.sum())
+        out["agreement_reconstructed_outputs"] = int((own & rec).sum())
     return out
 
 

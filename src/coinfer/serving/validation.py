@@ -11,14 +11,20 @@ import base64
 import binascii
 import io
 import json
+import math
+import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
+import numpy.lib.format as npy_format
 
 __all__ = [
     "MAX_JSON_DEPTH",
     "RequestError",
+    "check_batch_shape",
+    "decode_npy",
+    "encode_npy",
     "json_depth",
     "parse_predict_request",
     "predict_request_schema",
@@ -176,19 +182,147 @@ def json_depth(body: bytes, block: int = 1 << 18) -> int:
     return deepest
 
 
-def _decode_npy(text: Any) -> np.ndarray:
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive's first local header; an empty zip
+_NPY_VERSIONS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
+_MAX_NPY_HEADER = 10_000
+"""Longest ``.npy`` header text accepted (numpy's own default; the header of a batch of inputs takes about 128)."""
+
+
+def encode_npy(x: np.ndarray) -> str:
+    """Base64 of ``x`` (C order) as a version 1.0 ``.npy`` (the ``npy`` request field).
+
+    The one encoder of the client and the load generator; :func:`decode_npy` is its
+    strict inverse on the server. Arrays of Python objects are refused (``ValueError``)."""
+    buf = io.BytesIO()
+    npy_format.write_array(buf, np.ascontiguousarray(x), version=(1, 0), allow_pickle=False)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _dims(input_shape: tuple[int, ...]) -> str:
+    dims = ", ".join(map(str, input_shape))
+    return f"(B, {dims}) or ({dims}{',' if len(input_shape) == 1 else ''})"
+
+
+def check_batch_shape(shape: tuple[int, ...], input_shape: tuple[int, ...], max_batch: int, what: str) -> int:
+    """The batch size ``B`` of inputs of ``shape`` (``(B, *input_shape)`` or one input of
+    ``input_shape``), from the shape alone (nothing allocated).
+
+    Raises:
+        RequestError: 422 ``bad_shape`` (another shape, an empty batch), 413 ``too_large``
+            (more than ``max_batch`` inputs); ``what`` names the inputs in the message.
+    """
+    shape, input_shape = tuple(shape), tuple(input_shape)
+    if shape == input_shape:
+        return 1
+    if len(shape) != len(input_shape) + 1 or shape[1:] != input_shape:
+        raise RequestError(422, "bad_shape", f"{what} have shape {shape}, expected {_dims(input_shape)}")
+    if shape[0] == 0:
+        raise RequestError(422, "bad_shape", f"{what} hold an empty batch (B = 0)")
+    if shape[0] > max_batch:
+        raise RequestError(413, "too_large", f"batch of {shape[0]} inputs exceeds the limit of {max_batch}")
+    return shape[0]
+
+
+def _bad_npy(message: str) -> RequestError:
+    return RequestError(400, "bad_npy", f"'npy' {message}")
+
+
+def _npy_dtype_problem(dtype: np.dtype) -> str | None:
+    if dtype.hasobject:
+        return f"dtype {dtype}: Python objects (a pickle), which are never loaded"
+    if dtype.names is not None:
+        return f"a structured dtype {dtype}"
+    if dtype.subdtype is not None:
+        return f"a subarray dtype {dtype}"
+    if dtype.kind not in "fiu":
+        return f"dtype {dtype}"
+    return None
+
+
+def decode_npy(raw: bytes, input_shape: tuple[int, ...], max_batch: int) -> np.ndarray:
+    """Strictly parse the bytes of a ``.npy`` array of inputs, without pickle and without
+    allocating from what the header claims.
+
+    The magic string, the format version (1.0 or 2.0), the header (at most
+    ``_MAX_NPY_HEADER`` characters), the dtype (plain float or int), the shape
+    (``(B, *input_shape)`` with ``1 <= B <= max_batch``, or one input) and the exact
+    data length (``prod(shape) * itemsize``: neither short nor with trailing bytes)
+    are all checked from the header before the data is looked at; the result is a
+    read-only view of ``raw`` (``np.frombuffer``), Fortran order handled.
+
+    Raises:
+        RequestError: 400 ``bad_npy`` (not a .npy, a .npz archive, an unsupported
+            version, a malformed header, a wrong data length), 422 ``bad_dtype`` or
+            ``bad_shape``, 413 ``too_large`` (over ``max_batch``).
+    """
+    size = len(raw)
+    if raw[: len(_NPY_MAGIC)] != _NPY_MAGIC:
+        if raw.startswith(_ZIP_MAGICS):
+            raise _bad_npy(
+                f"decodes to a .npz (zip) archive of {size} bytes, not a .npy array; "
+                "send one array saved with numpy.save (or coinfer.serving.client.encode_npy)"
+            )
+        raise _bad_npy(
+            f"decodes to {size} bytes that are not a .npy array: they start with {raw[:8]!r}, "
+            f"expected the magic string {_NPY_MAGIC!r}"
+        )
+    fp = io.BytesIO(raw)
+    try:
+        version = npy_format.read_magic(fp)
+    except ValueError:
+        raise _bad_npy(f"is a .npy array cut short: {size} bytes, not even the 8-byte magic string") from None
+    read_header = _NPY_VERSIONS.get(version)
+    if read_header is None:
+        raise _bad_npy(
+            f"is a .npy array of format version {version[0]}.{version[1]}, "
+            "which is not supported; expected 1.0 or 2.0 (what numpy.save writes for numeric arrays)"
+        )
+    width = 2 if version == (1, 0) else 4  # the header length: little-endian uint16 (1.0) or uint32 (2.0)
+    declared = int.from_bytes(raw[8 : 8 + width], "little")
+    if declared > _MAX_NPY_HEADER:
+        raise _bad_npy(
+            f"has a .npy header of {declared} bytes; the limit is {_MAX_NPY_HEADER} "
+            "(the header of a batch of inputs takes about 128)"
+        )
+    try:
+        with warnings.catch_warnings(action="ignore"):  # numpy's note on Python 2 headers
+            shape, fortran_order, dtype = read_header(fp, max_header_size=_MAX_NPY_HEADER)
+    except Exception as exc:  # ValueError mostly; whatever a hostile header raises is the body's fault
+        raise _bad_npy(
+            f"has an invalid .npy header ({type(exc).__name__}: {str(exc)[:300]}); expected a dict "
+            "literal with 'descr', 'fortran_order' and 'shape', as numpy.save writes"
+        ) from None
+    if any(type(d) is not int or d < 0 for d in shape):
+        raise _bad_npy(f"has an invalid .npy header: its shape {shape!r} must hold integers >= 0")
+    problem = _npy_dtype_problem(dtype)
+    if problem is not None:
+        raise RequestError(422, "bad_dtype", f"inputs must be numbers (float or int); 'npy' holds {problem}")
+    batch = check_batch_shape(shape, input_shape, max_batch, "'npy' inputs")
+    count = batch * math.prod(input_shape)
+    need = count * dtype.itemsize
+    offset = fp.tell()
+    have = size - offset
+    if have != need:
+        extra = f"{have - need} trailing bytes after the array" if have > need else "the array is cut short"
+        raise _bad_npy(
+            f"holds {have} bytes of array data after its header, but shape {tuple(shape)} of dtype "
+            f"{dtype.str} ({dtype.itemsize} bytes each) needs exactly {need}: {extra}"
+        )
+    x = np.frombuffer(raw, dtype=dtype, count=count, offset=offset)
+    if fortran_order:
+        return x.reshape(tuple(shape)[::-1]).transpose()
+    return x.reshape(tuple(shape))
+
+
+def _decode_npy(text: Any, input_shape: tuple[int, ...], max_batch: int) -> np.ndarray:
     if not isinstance(text, str):
         raise RequestError(400, "bad_base64", f"'npy' must be a base64 string, got {type(text).__name__}")
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise RequestError(400, "bad_base64", f"'npy' is not valid base64: {exc}") from None
-    try:
-        return np.load(io.BytesIO(raw), allow_pickle=False)
-    except Exception as exc:
-        raise RequestError(
-            400, "bad_npy", f"'npy' decodes to {len(raw)} bytes that are not a .npy array: {exc}"
-        ) from None
+    return decode_npy(raw, input_shape, max_batch)
 
 
 def _from_lists(value: Any) -> np.ndarray:
@@ -259,31 +393,27 @@ def parse_predict_request(
         raise RequestError(
             400, "bad_field", "give exactly one of 'inputs' (nested lists) or 'npy' (base64 .npy)"
         )
-    x = _from_lists(req["inputs"]) if "inputs" in req else _decode_npy(req["npy"])
-    if x.dtype.kind not in "fiu":
-        raise RequestError(
-            422,
-            "bad_dtype",
-            f"inputs must be numbers (float or int), got dtype {x.dtype}"
-            + (" (nested lists with non-numbers)" if "inputs" in req else ""),
+    if "inputs" in req:
+        x = _from_lists(req["inputs"])
+        if x.dtype.kind not in "fiu":
+            raise RequestError(
+                422,
+                "bad_dtype",
+                f"inputs must be numbers (float or int), got dtype {x.dtype} (nested lists with non-numbers)",
+            )
+        # JSON true/false that the other fields do not explain (a fast filter before the exact check)
+        literals = (
+            body.count(b"true") + body.count(b"false") - isinstance(req.get("return_probabilities"), bool)
         )
-    # JSON true/false that the other fields do not explain (a fast filter before the exact check)
-    literals = body.count(b"true") + body.count(b"false") - isinstance(req.get("return_probabilities"), bool)
-    if "inputs" in req and literals > 0 and _has_bool(req["inputs"]):
-        raise RequestError(422, "bad_dtype", "inputs must be numbers (float or int), got true/false")
-    if tuple(x.shape) == tuple(input_shape):
-        x = x[None]
-    if x.ndim != len(input_shape) + 1 or tuple(x.shape[1:]) != tuple(input_shape):
-        dims = ", ".join(map(str, input_shape))
-        raise RequestError(
-            422,
-            "bad_shape",
-            f"inputs have shape {tuple(x.shape)}, expected (B, {dims}) or ({dims}{',' if len(input_shape) == 1 else ''})",
-        )
-    if len(x) == 0:
-        raise RequestError(422, "bad_shape", "inputs hold an empty batch (B = 0)")
-    if len(x) > max_batch:
-        raise RequestError(413, "too_large", f"batch of {len(x)} inputs exceeds the limit of {max_batch}")
+        if literals > 0 and _has_bool(req["inputs"]):
+            raise RequestError(422, "bad_dtype", "inputs must be numbers (float or int), got true/false")
+        check_batch_shape(x.shape, input_shape, max_batch, "inputs")
+        if tuple(x.shape) == tuple(input_shape):
+            x = x[None]
+    else:  # dtype, shape and length checked from the header before the data is looked at
+        x = _decode_npy(req["npy"], input_shape, max_batch)
+        if tuple(x.shape) == tuple(input_shape):
+            x = x[None]
     if x.dtype.kind == "f" and x.dtype.itemsize > 4:  # finite here, inf as float32
         big = np.isfinite(x) & (np.abs(x) > FLOAT32_MAX)
         if big.any():
@@ -293,13 +423,15 @@ def parse_predict_request(
                 "not_finite",
                 f"inputs exceed the float32 range ±{FLOAT32_MAX:.7g} (first at index {list(i)}: {x[i]:g})",
             )
-    x = x.astype(np.float32, copy=False)
-    finite = np.isfinite(x)
-    if not finite.all():
-        bad = tuple(int(i) for i in np.argwhere(~finite)[0])
-        raise RequestError(
-            422, "not_finite", f"inputs contain NaN or inf (first at index {list(bad)}: {x[bad]})"
-        )
+    if x.dtype.kind == "f":  # integers are always finite, also as float32
+        finite = np.isfinite(x)
+        if not finite.all():
+            bad = tuple(int(i) for i in np.argwhere(~finite)[0])
+            raise RequestError(
+                422, "not_finite", f"inputs contain NaN or inf (first at index {list(bad)}: {x[bad]})"
+            )
+    # one writable, C-ordered float32 copy (a .npy's array is a read-only view of the body)
+    x = np.array(x, dtype=np.float32, order="C", copy=True if not x.flags.writeable else None)
     opts: dict[str, Any] = {}
     if "mode" in req:
         if not isinstance(req["mode"], str):
@@ -309,4 +441,4 @@ def parse_predict_request(
         if not isinstance(req["return_probabilities"], bool):
             raise RequestError(422, "bad_field", "'return_probabilities' must be true or false")
         opts["return_probabilities"] = req["return_probabilities"]
-    return np.ascontiguousarray(x), opts
+    return x, opts
