@@ -62,17 +62,36 @@ def floor_ms(models: list[torch.nn.Module], x: torch.Tensor, iters: int) -> np.n
     return out
 
 
-def sequential(url: str, x: np.ndarray, iters: int, pid: int) -> tuple[np.ndarray, float]:
-    """Latencies (ms) of ``iters`` requests one at a time, and server CPU ms per request."""
+def worker_pids() -> list[int]:
+    """Processes of coinfer workers on this machine (Ray names them after the actor class)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if b"ModelWorker" in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def sequential(url: str, x: np.ndarray, iters: int, pid: int) -> tuple[np.ndarray, dict[str, float]]:
+    """Latencies (ms) of ``iters`` requests one at a time, and CPU ms per request of the
+    server process, of this (client) process and of the worker processes together."""
     lat = np.empty(iters)
+    workers = worker_pids()
     with Client(url) as c:
         c.predict(x)
-        cpu0 = _cpu_s(pid)
+        cpu0, me0, w0 = _cpu_s(pid), time.process_time(), sum(_cpu_s(p) for p in workers)
         for i in range(iters):
             t0 = time.perf_counter()
             c.predict(x)
             lat[i] = (time.perf_counter() - t0) * 1000
-        cpu = (_cpu_s(pid) - cpu0) * 1000 / iters
+        cpu = {
+            "server": (_cpu_s(pid) - cpu0) * 1000 / iters,
+            "client": (time.process_time() - me0) * 1000 / iters,
+            "workers": (sum(_cpu_s(p) for p in workers) - w0) * 1000 / iters,
+        }
     return lat, cpu
 
 
@@ -126,7 +145,9 @@ def measure(label: str, bundle: Path, args, env: dict | None, models, x) -> dict
                 "http_p50_ms": float(np.median(lat)),
                 "http_p99_ms": float(np.quantile(lat, 0.99)),
                 "ratio_to_floor": float(np.median(lat)) / floor_med,
-                "server_cpu_ms_per_request": cpu,
+                "server_cpu_ms_per_request": cpu["server"],
+                "client_cpu_ms_per_request": cpu["client"],
+                "workers_cpu_ms_per_request": cpu["workers"],
                 f"rps_{args.concurrency}_clients": conc["rps"],
                 "rps_ratio_to_floor": conc["rps"] / (1000.0 / floor_med),
                 "errors": conc["errors"],
@@ -135,7 +156,7 @@ def measure(label: str, bundle: Path, args, env: dict | None, models, x) -> dict
             rounds.append(row)
             print(
                 f"{label:>8} round {r}: floor {floor_med:.2f} ms | http p50 {row['http_p50_ms']:.2f} ms "
-                f"({row['ratio_to_floor']:.2f}x) p99 {row['http_p99_ms']:.2f} | server CPU {cpu:.2f} ms/req | "
+                f"({row['ratio_to_floor']:.2f}x) p99 {row['http_p99_ms']:.2f} | CPU ms/req server {cpu['server']:.2f} client {cpu['client']:.2f} workers {cpu['workers']:.2f} | "
                 f"{args.concurrency} clients {conc['rps']:.0f} req/s ({row['rps_ratio_to_floor']:.2f} of floor) | "
                 f"load {row['load_avg']:.1f}",
                 flush=True,

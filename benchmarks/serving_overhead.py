@@ -2,7 +2,7 @@
 
 On one local Ray instance, one request at a time (closed loop, batch 1):
 
-* ``direct``: ``await handle.predict.remote(x)`` on data worker 0's deployment;
+* ``direct``: one data-plane call to data worker 0 (a frame over its socket and the answer);
 * ``coded``: ``await runtime.predict(x, "coded")`` — the fan-out to all n
   workers, the first-decodable-set collector and the decode;
 * ``http``: ``POST /v1/predict`` of the same input (base64 .npy, with the
@@ -154,7 +154,6 @@ async def served(rt, x: np.ndarray, iters: int, url: str | None) -> dict[str, di
 
     from coinfer.serving.client import encode_npy
 
-    h = rt.slots[0].handle
     body = json.dumps({"npy": encode_npy(x)}).encode()
     headers = {"content-type": "application/json"}
     async with httpx.AsyncClient(base_url=url or "http://unused", timeout=30.0) as http:
@@ -166,7 +165,7 @@ async def served(rt, x: np.ndarray, iters: int, url: str | None) -> dict[str, di
         async def healthz() -> None:
             (await http.get("/healthz")).raise_for_status()
 
-        paths = {"direct": lambda: h.predict.remote(x, None), "coded": lambda: rt.predict(x, "coded")}
+        paths = {"direct": lambda: rt._call(0, x, inject=False), "coded": lambda: rt.predict(x, "coded")}
         if url:
             paths.update({"http": post, "http healthz": healthz})
         for _ in range(30):  # warm-up

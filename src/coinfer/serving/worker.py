@@ -8,8 +8,9 @@ Two layers, so the data plane is tested without Ray:
   at once (no batch wait); requests that arrive while it runs queue and then run
   together, up to ``max_batch_size`` rows. A ``CANCEL`` for a queued request
   drops it before it runs (and a reply held back by an injected delay is not
-  sent). The model runs in one thread of its own, so the event loop keeps
-  reading requests and cancellations meanwhile.
+  sent). Batches of more than :data:`INLINE_ROWS` rows run in one thread of
+  their own, so the event loop keeps reading requests and cancellations
+  meanwhile; smaller ones run on the loop's thread (no hand-off).
 * :class:`ModelWorker` — the Ray actor: Ray places the process (``num_cpus`` /
   ``num_gpus``) and restarts or kills it; the actor loads its pinned model file
   and runs a :class:`WorkerServer` on its node's address, which the frontend
@@ -39,7 +40,11 @@ import numpy as np
 
 from coinfer.serving import wire
 
-__all__ = ["ModelWorker", "WorkerServer"]
+__all__ = ["INLINE_ROWS", "ModelWorker", "WorkerServer"]
+
+#: Batches of at most this many rows run on the event loop's thread; larger ones in the
+#: model thread (a hand-off costs about as much as a small model's batch of one here).
+INLINE_ROWS = 8
 
 
 @dataclass(eq=False)
@@ -219,7 +224,12 @@ class WorkerServer:
                     break
                 x = jobs[0].x if len(jobs) == 1 else np.concatenate([j.x for j in jobs])
                 try:
-                    out = await loop.run_in_executor(self._model_thread, self.run, x)
+                    if len(x) <= INLINE_ROWS:  # short: no hand-off to the model thread and back
+                        out = self.run(x)
+                        for _ in range(2):  # let the readers take in what arrived meanwhile (cancels)
+                            await asyncio.sleep(0)
+                    else:  # long: the loop keeps reading requests and cancellations meanwhile
+                        out = await loop.run_in_executor(self._model_thread, self.run, x)
                     error = None
                 except Exception as exc:  # the model's failure is this batch's answer, the server goes on
                     out, error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
