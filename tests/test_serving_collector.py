@@ -595,3 +595,31 @@ def test_summary_reports_reconstruction_task_accuracy_and_agreement():
     # agreement on the same own-class outputs: 7 agrees, 3 does not (1 vs 3), 9 does not (9 vs 8)
     assert s["agreement_reconstructed"] == pytest.approx(1 / 3) and s["agreement_received"] == 1.0
     assert "agreement" not in summarize(res) and "task_accuracy" not in summarize(res)
+
+
+def test_auto_slack_scales_with_the_batch_so_a_large_batch_is_not_decoded_while_it_computes():
+    tr = _tracker({0: 0.005})  # single inputs: ~5 ms, q99 ~7.5 ms
+    pol = SlackPolicy(None, tr, max_s=0.05)
+    # a 1024-row request whose decodable set (the parity's answer) came at 0.3 s: no big batch
+    # seen yet, so its latencies are the single-input ones scaled by 0.3 s / the single-input median
+    scaled_q99 = tr.quantile(0) * 0.3 / tr.median(0)
+    assert pol.slack([0], 0.3, rows=1024) == pytest.approx(scaled_q99 - 0.3)
+    assert 0.1 < scaled_q99 - 0.3 < 0.05 + 0.3 - tr.median(0)  # under the scaled cap
+    assert pol.slack([0], 0.3, rows=1) == 0.0  # the same age on one input: a straggler
+    for i in range(40):  # now 1024-row calls are known to take ~0.3-0.45 s
+        tr.observe(0, 0.3 * (1 + i / 80), rows=1024)
+    q = tr.quantile(0, rows=1024)
+    assert pol.slack([0], 0.3, rows=1024) == pytest.approx(q - 0.3)  # waits for its own q99
+    assert pol.slack([0], 0.3, rows=2000) == pytest.approx(q - 0.3)  # same bucket (1024-2047 rows)
+    # the cap grows with the batch's extra compute: 50 ms beyond it, not 50 ms in all
+    late = SlackPolicy(None, tr, max_s=0.05).slack([0], 0.01, rows=1024)
+    assert late == pytest.approx(0.05 + tr.median(0, rows=1024) - tr.median(0))
+
+
+def test_a_large_batch_waits_for_its_slow_data_model_instead_of_decoding_from_the_parity():
+    code = Code(2, 1)
+    tr = _tracker({0: 0.002, 1: 0.002})
+    # the parity answers a batch at 0.2 s, 100x a single input; data model 0, whose q99 is 1.5x
+    # its median, is still computing until 0.27 s: waited for (a fixed 50 ms cap would not)
+    res, elapsed, _, _ = _timed(code, {0: 0.27, 1: 0.2, 2: 0.2}, slack=SlackPolicy(None, tr, max_s=0.05))
+    assert res.reconstructed == [False, False] and elapsed >= 0.26

@@ -180,3 +180,36 @@ def test_only_coded_mode_feeds_cancelled_calls_to_the_decode_slack_tracker(tmp_p
     for _ in range(30):  # cut off by the decode slack: a lower bound of its latency
         rt._account("coded", 1, 0.0, cancelled)
     assert rt.latency.snapshot()[0]["samples"] == 30
+
+
+def test_while_degraded_a_request_gives_up_after_the_degraded_timeout_not_the_full_one(tmp_path):
+    """More than r workers slow: once health says no decodable set can be formed, requests
+    still go out (so a recovery is noticed) but answer 503 within degraded_timeout_s."""
+    rt = _runtime(tmp_path, timeout_s=5.0, degraded_timeout_s=0.2)
+    silent: list[asyncio.Future] = []
+
+    def never_answers(w, x, inject=True):
+        fut = asyncio.get_running_loop().create_future()
+        silent.append(fut)
+        return fut
+
+    rt._call = never_answers
+    for _ in range(3):  # workers 0 and 1 timed out three times: failing, so degraded
+        _record(rt, silent=(0, 1))
+    assert rt.health_report()["status"] == "degraded"
+
+    async def one() -> float:
+        t0 = time.perf_counter()
+        with pytest.raises(CollectError) as ei:
+            await rt.predict(np.zeros((1, 4), np.float32))
+        assert not isinstance(ei.value, CollectTimeout)  # a 503 no_decodable_set, not a 504
+        assert "degraded" in str(ei.value) and "0.2s degraded timeout" in str(ei.value)
+        return time.perf_counter() - t0
+
+    import time
+
+    from coinfer.serving.collector import CollectTimeout
+
+    assert asyncio.run(one()) < 1.0
+    assert len(silent) == 3  # every worker was still asked
+    assert all(f.cancelled() for f in silent)  # and the calls were cancelled

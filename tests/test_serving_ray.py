@@ -297,3 +297,22 @@ def test_decode_slack_is_set_through_the_admin_api_and_late_calls_are_cancelled(
     finally:
         admin.config(decode_slack="auto")
     assert 'coinfer_worker_cancelled_total{worker="0"}' in client.metrics()
+
+
+def test_a_worker_sigkilled_under_a_paced_load_loses_no_request(server, client, admin, restore):
+    import threading
+
+    from coinfer.serving.loadgen import run_load, summarize
+
+    x = np.random.default_rng(4).standard_normal((8, 64)).astype(np.float32)
+    out = {}
+    load = threading.Thread(
+        target=lambda: out.update(res=run_load(server.url, x, rate=40, requests=120, duration_s=6, k=2))
+    )
+    load.start()
+    time.sleep(1.0)  # mid-load
+    assert admin.kill(0)["killed_replicas"] == 1
+    load.join(60)
+    s = summarize(out["res"])
+    assert s["answered"] == s["sent"] == 120, s
+    assert out["res"].reconstructed_outputs[-20:, 0].all()  # after the kill: decoded from the parity

@@ -256,9 +256,10 @@ class SlackPolicy:
     The wait scales with the batch (a 1024-row request is not decoded while its
     data model is still computing it): its extra compute is the missing
     workers' median on batches of this size minus their median on single
-    inputs. While that size has too few samples, the extra compute is taken
-    from the time the decodable set took on the same batch (minus the
-    single-input median) and added to the single-input quantile.
+    inputs. While that size has too few samples, it is estimated from the time
+    the decodable set took on the same batch: the extra compute is that time
+    minus the single-input median, and the quantile is the single-input one
+    scaled by that time over the single-input median.
 
     Attributes:
         fixed_s: fixed slack in seconds, or ``None`` for ``auto``.
@@ -295,10 +296,12 @@ class SlackPolicy:
                 est.append((q, 0.0))
             elif q is not None:
                 est.append((q, max(0.0, med - (one or 0.0))))  # type: ignore[operator]
-            else:  # no batches of this size yet: the decodable set took this long on the same batch
+            else:  # no batches of this size yet: the decodable set took this long on the same batch,
+                # so scale the single-input latencies by how much longer that is than one input
                 extra = max(0.0, age_s - (one or 0.0))
                 q1 = tr.quantile(w, 1)
-                est.append((None if q1 is None else q1 + extra, extra))
+                scale = max(1.0, age_s / one) if one else 1.0
+                est.append((None if q1 is None else q1 * scale, extra))
         cap = self.max_s + max((e for _, e in est), default=0.0)
         if not est or any(q is None for q, _ in est):
             return cap

@@ -384,7 +384,7 @@ class Runtime:
                 shape=(rows, len(self.class_names) if self.class_names else None),
             )
         except CollectError as exc:
-            self._account(mode, rows, t0, exc)
+            self._account(mode, rows, t0, exc, timeout)
             if degraded and isinstance(exc, CollectTimeout):
                 fast = CollectError(
                     f"no decodable set: the usable workers cannot decode (health degraded: "
@@ -396,10 +396,17 @@ class Runtime:
                 fast.latency_s, fast.cancelled_s = exc.latency_s, exc.cancelled_s
                 raise fast from None
             raise
-        self._account(mode, rows, t0, res)
+        self._account(mode, rows, t0, res, timeout)
         return res
 
-    def _account(self, mode: str, rows: int, t0: float, outcome: Collection | CollectError) -> None:
+    def _account(
+        self,
+        mode: str,
+        rows: int,
+        t0: float,
+        outcome: Collection | CollectError,
+        timeout_s: float | None = None,
+    ) -> None:
         """All the bookkeeping of one request, answered or not: the request metrics, each
         worker's latency and failure metrics, the decode-slack tracker and worker health.
 
@@ -431,7 +438,9 @@ class Runtime:
                 self.health.failure(w, reason)
         if isinstance(outcome, CollectTimeout):
             for w in outcome.pending:
-                self.health.failure(w, f"no answer within the {self.timeout_s:g}s request timeout")
+                self.health.failure(
+                    w, f"no answer within the {timeout_s or self.timeout_s:g}s request timeout"
+                )
 
     def _usable(self, plan: Plan) -> tuple[list[int], dict[int, str]]:
         """The rows of ``plan``'s workers that are neither down nor failing, and why the others are not."""

@@ -98,6 +98,7 @@ class WorkerServer:
         self._wake: asyncio.Event | None = None
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[_Conn] = set()
+        self._handlers: set[asyncio.Task] = set()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix=f"coinfer-w{worker}-model")
         self._batcher: asyncio.Task | None = None
 
@@ -110,11 +111,15 @@ class WorkerServer:
         return host, int(sock[1])
 
     async def close(self) -> None:
+        """Stop listening, close every connection and wait for their handlers to end."""
         if self._server is not None:
             self._server.close()
         for c in list(self._conns):
             c.closed = True
             c.writer.close()
+        handlers = [t for t in self._handlers if not t.done()]
+        if handlers:
+            await asyncio.wait(handlers, timeout=1.0)
         if self._batcher is not None:
             self._batcher.cancel()
         self._model_thread.shutdown(wait=False, cancel_futures=True)
@@ -123,6 +128,10 @@ class WorkerServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _Conn(writer)
         self._conns.add(conn)
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
         try:
             while True:
                 try:
