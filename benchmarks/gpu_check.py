@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("env", "pytest", "fisher", "encode", "serve", "tail")
+PARTS = ("env", "pytest", "fisher", "encode", "serve", "path", "tail")
 
 
 def _sync(device: torch.device) -> None:
@@ -164,6 +164,30 @@ def part_serve(args: argparse.Namespace) -> dict:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+    return res
+
+
+def part_path(args: argparse.Namespace) -> dict:
+    """benchmarks/request_path.py on the k = 2 bundle: the request path against the in-process
+    floor (the models on the same device), with the workers on the GPU."""
+    out = args.out / "request_path.json"
+    gpus = "0.2" if args.device == "cuda" else "0"
+    cmd = [
+        sys.executable,
+        "benchmarks/request_path.py",
+        str(args.bundle_k2),
+        "--rounds",
+        "2",
+        "--iters",
+        "200",
+    ]
+    cmd += ["--seconds", "5", "--serve-args", f"--worker-gpus {gpus} --worker-cpus 1", "--out", str(out)]
+    cmd += ["--device", args.device]
+    res = _run(cmd, args.out / "request_path.log", 150)
+    if out.exists():
+        res["results"] = [
+            {k: v for k, v in r.items() if k != "rounds"} for r in json.loads(out.read_text())["runs"]
+        ]
     return res
 
 

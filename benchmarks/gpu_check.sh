@@ -4,16 +4,16 @@
 # Prepare here (no GPU needed), from the repository root:
 #   python benchmarks/make_mnist_bundle.py ../shared/data/mnist.npz --k 2 --r 1 --out runs/gpu/mnist-k2r1
 #   python benchmarks/make_mnist_bundle.py ../shared/data/mnist.npz --k 4 --r 2 --out runs/gpu/mnist-k4r2
-#   benchmarks/gpu_wheels.sh            # Ray + Serve's missing dependencies as cp312 wheels in .whl/
+#   benchmarks/gpu_wheels.sh            # Ray + the serving dependencies the image lacks, as cp312 wheels in .whl/
 # Run there (carry runs/gpu and .whl), with OUT set to a folder that comes back:
-#   OUT=/some/dir benchmarks/gpu_check.sh [parts]      # parts: env,pytest,fisher,encode,serve,tail (default all)
+#   OUT=/some/dir benchmarks/gpu_check.sh [parts]      # parts: env,pytest,fisher,encode,serve,path,tail (default all)
 # Writes OUT/summary.json (every part's figures, or its error) and OUT/logs.tgz (logs, tables, plots).
 # DEVICE=cpu runs the same steps without a GPU (how the script itself is tested).
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT=${OUT:-runs/gpu/out}
-PARTS=${1:-env,pytest,fisher,encode,serve,tail}
+PARTS=${1:-env,pytest,fisher,encode,serve,path,tail}
 WORK=${WORK:-/tmp/coinfer-gpu-check}
 mkdir -p "$OUT" "$WORK" /tmp/coinfer-bin
 export PYTHONPATH="$PWD/src"

@@ -57,7 +57,7 @@ def floor_ms(models: list[torch.nn.Module], x: torch.Tensor, iters: int) -> np.n
         for i in range(iters):
             t0 = time.perf_counter()
             for m in models:
-                torch.softmax(m(x), -1)
+                torch.softmax(m(x), -1).cpu()  # the answer on the host, as a server returns it
             out[i] = (time.perf_counter() - t0) * 1000
     return out
 
@@ -131,12 +131,12 @@ def measure(label: str, bundle: Path, args, env: dict | None, models, x) -> dict
     try:
         with Client(url) as c:  # warm up
             for _ in range(args.warmup):
-                c.predict(x.numpy())
+                c.predict(x.cpu().numpy())
         for r in range(args.rounds):
             fl = floor_ms(models, x, args.iters)
-            lat, cpu = sequential(url, x.numpy(), args.iters, proc.pid)
+            lat, cpu = sequential(url, x.cpu().numpy(), args.iters, proc.pid)
             fl2 = floor_ms(models, x, args.iters)
-            conc = concurrent(url, x.numpy(), args.concurrency, args.seconds)
+            conc = concurrent(url, x.cpu().numpy(), args.concurrency, args.seconds)
             floor_med = float(np.median(np.concatenate([fl, fl2])))
             row = {
                 "round": r,
@@ -193,12 +193,14 @@ def main() -> None:
     ap.add_argument("--serve-args", default="", help="extra arguments of coinfer serve")
     ap.add_argument("--old-src", type=Path, default=None, help="another checkout whose server to measure too")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/request_path.json"))
+    ap.add_argument("--device", default="cpu", help="device of the in-process floor's models")
     args = ap.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     b = Bundle.load(args.bundle)
-    models = [m.eval() for m in list(b.data_models) + list(b.coded_models)]
-    x = torch.zeros((1, *b.input_shape))
+    dev = torch.device(args.device)
+    models = [m.eval().to(dev) for m in list(b.data_models) + list(b.coded_models)]
+    x = torch.zeros((1, *b.input_shape), device=dev)
     runs = [measure("current", args.bundle, args, None, models, x)]
     if args.old_src is not None:
         env = {**os.environ, "PYTHONPATH": str(args.old_src.resolve() / "src")}

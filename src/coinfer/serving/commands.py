@@ -40,12 +40,29 @@ def serve(
     num_cpus: Annotated[
         float | None, typer.Option(help="Logical CPUs of the local Ray (default: enough for the workers).")
     ] = None,
-    worker_cpus: Annotated[float, typer.Option(help="Ray CPUs per worker replica.")] = 0.25,
-    worker_gpus: Annotated[float, typer.Option(help="GPUs per worker replica (>0 runs on CUDA).")] = 0.0,
-    replicas: Annotated[int, typer.Option(help="Serve replicas per worker.")] = 1,
-    max_batch_size: Annotated[int, typer.Option(help="Dynamic batching: largest batch.")] = 32,
+    worker_cpus: Annotated[float, typer.Option(help="Ray CPUs per worker process.")] = 0.25,
+    worker_gpus: Annotated[float, typer.Option(help="GPUs per worker process (>0 runs on CUDA).")] = 0.0,
+    worker_host: Annotated[
+        str | None,
+        typer.Option(
+            help="Address the workers' sockets listen on (default: their Ray node's; 127.0.0.1 locally)."
+        ),
+    ] = None,
+    replicas: Annotated[int, typer.Option(help="Worker processes per worker (requests alternate).")] = 1,
+    max_batch_size: Annotated[
+        int,
+        typer.Option(
+            help="Worker-side batching: requests queued behind a busy model run together, up to this many rows."
+        ),
+    ] = 32,
     mode: Annotated[str, typer.Option(help="Default mode: coded, uncoded, replicated, hedged.")] = "coded",
     timeout: Annotated[float, typer.Option(help="Request timeout in seconds.")] = 5.0,
+    degraded_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Request timeout while /healthz is degraded (no decodable set usable): a fast 503."
+        ),
+    ] = 0.5,
     hedge_ms: Annotated[float, typer.Option(help="Hedged mode: delay before the backup request.")] = 20.0,
     decode_slack: Annotated[
         str,
@@ -105,10 +122,12 @@ def serve(
         num_cpus=num_cpus,
         worker_cpus=worker_cpus,
         worker_gpus=worker_gpus,
+        worker_host=worker_host,
         replicas=replicas,
         max_batch_size=max_batch_size,
         mode=mode,
         timeout_s=timeout,
+        degraded_timeout_s=degraded_timeout,
         hedge_ms=hedge_ms,
         decode_slack=decode_slack,
         decode_slack_max_ms=decode_slack_max_ms,
@@ -443,8 +462,8 @@ def _admin_app() -> typer.Typer:
         worker: Annotated[int, typer.Argument(help="Worker index.")],
         url: Annotated[str, _URL_OPT] = "http://127.0.0.1:8001",
     ) -> None:
-        """Bring a killed worker back once Serve has replaced it; a replica that refuses
-        to start (its model file changed since the server verified it) is reported and kept down."""
+        """Start new processes for a worker and use it again; a process that refuses to start
+        (its model file changed since the server verified it) is reported and the worker kept down."""
         print(json.dumps(client(url).restart(worker)))
 
     @admin.command("mode")
