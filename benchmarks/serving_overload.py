@@ -82,8 +82,7 @@ def main() -> None:
             except Exception as exc:
                 after = f"failed: {exc}"
     finally:
-        server.stop()
-        server.runtime.shutdown()
+        server.close()
     res = burst["results"]
     counts = Counter(f"{s} {e}".strip() for s, e, _ in res)
     out = {

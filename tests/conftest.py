@@ -79,14 +79,10 @@ def local_ray_server(bundle_dir, **config):
     from coinfer.serving.server import serve_bundle
 
     init_local_ray(4)
-    srv = None
     try:
-        srv = serve_bundle(ServeConfig(bundle_dir, **config))
-        yield srv
+        with serve_bundle(ServeConfig(bundle_dir, **config)) as srv:
+            yield srv
     finally:
-        if srv is not None:
-            srv.stop()
-            srv.runtime.shutdown()
         ray.shutdown()
 
 

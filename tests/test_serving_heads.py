@@ -44,9 +44,12 @@ def test_heads_bundle_served_with_a_killed_worker_reconstructs_at_the_offline_ra
     assert offline_rate > 0.9
 
     init_local_ray(4)
-    srv = None
     try:
         srv = serve_bundle(ServeConfig(path, timeout_s=5.0, max_batch=64, max_body_bytes=2_000_000))
+    except BaseException:
+        ray.shutdown()
+        raise
+    try:
         admin = AdminClient(srv.admin_url)
         with Client(srv.url) as client:
             admin.kill(0)
@@ -59,9 +62,7 @@ def test_heads_bundle_served_with_a_killed_worker_reconstructs_at_the_offline_ra
             served = np.array(served)
         admin.close()
     finally:
-        if srv is not None:
-            srv.stop()
-            srv.runtime.shutdown()
+        srv.close()
         ray.shutdown()
     # the served reconstruction is the offline one (same parity, same decoder)
     assert float((served == offline).mean()) > 0.995

@@ -28,14 +28,10 @@ def server(tmp_path):
     coded = encode(models, Code(2, 1), torch.randn(32, 16), method="average")
     path = Bundle(ARCH, Code(2, 1), models, list(coded), (16,)).save(tmp_path / "bundle")
     init_local_ray(3)
-    srv = None
     try:
-        srv = serve_bundle(ServeConfig(path, timeout_s=3.0, baselines=False))
-        yield srv, path
+        with serve_bundle(ServeConfig(path, timeout_s=3.0, baselines=False)) as srv:
+            yield srv, path
     finally:
-        if srv is not None:
-            srv.stop()
-            srv.runtime.shutdown()
         ray.shutdown()
 
 

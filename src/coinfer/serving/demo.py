@@ -48,7 +48,7 @@ def serve_demo(
 
     t0 = time.perf_counter()
     straggler = straggler or {"kind": "heavy", "ms": 40.0, "p": 0.1}
-    log("starting a local Ray instance and one Serve deployment per model ...")
+    log("starting a local Ray instance and one worker process per model ...")
     srv = serve_bundle(ServeConfig(Path(bundle), timeout_s=5.0, worker_cpus=0.25, seed=seed))
     runs: dict[str, Any] = {}
     try:
@@ -82,7 +82,6 @@ def serve_demo(
         runs["killed/coded"] = s
         admin.close()
     finally:
-        srv.stop()
-        srv.runtime.shutdown()
+        srv.close()
         log("server stopped, Ray shut down")
     return {"runs": runs, "seconds": time.perf_counter() - t0}

@@ -118,8 +118,21 @@ class Server:
             time.sleep(0.02)
         return self
 
+    def close(self) -> None:
+        """Stop both apps, then the runtime (its worker processes, and Ray if it started it)."""
+        try:
+            self.stop()
+        finally:
+            self.runtime.shutdown()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def stop(self) -> None:
-        """Stop both apps (the runtime is left running)."""
+        """Stop both apps (the runtime is left running; :meth:`close` stops both)."""
         self._main.should_exit = True
         self._admin.should_exit = True
         if self._thread is not None:
@@ -164,7 +177,8 @@ def serve_bundle(config: ServeConfig, host: str = "127.0.0.1", port: int = 0, ad
     """Start a runtime for ``config`` and its frontend in a background thread.
 
     Both ports are bound first, so a port in use fails within a second, before Ray starts.
-    Call ``server.stop()`` then ``server.runtime.shutdown()`` when done."""
+    Use it as a context manager (``with serve_bundle(cfg) as server: ...``) or call
+    ``server.close()`` when done."""
     sockets = bind_sockets(host, port, admin_port)
     runtime = start_runtime(config, sockets)
     try:
