@@ -90,7 +90,8 @@ def sequential(url: str, x: np.ndarray, iters: int, pid: int) -> tuple[np.ndarra
         cpu = {
             "server": (_cpu_s(pid) - cpu0) * 1000 / iters,
             "client": (time.process_time() - me0) * 1000 / iters,
-            "workers": (sum(_cpu_s(p) for p in workers) - w0) * 1000 / iters,
+            # None: no ModelWorker processes found (e.g. another checkout's Serve replicas)
+            "workers": (sum(_cpu_s(p) for p in workers) - w0) * 1000 / iters if workers else None,
         }
     return lat, cpu
 
@@ -156,7 +157,7 @@ def measure(label: str, bundle: Path, args, env: dict | None, models, x) -> dict
             rounds.append(row)
             print(
                 f"{label:>8} round {r}: floor {floor_med:.2f} ms | http p50 {row['http_p50_ms']:.2f} ms "
-                f"({row['ratio_to_floor']:.2f}x) p99 {row['http_p99_ms']:.2f} | CPU ms/req server {cpu['server']:.2f} client {cpu['client']:.2f} workers {cpu['workers']:.2f} | "
+                f"({row['ratio_to_floor']:.2f}x) p99 {row['http_p99_ms']:.2f} | CPU ms/req server {cpu['server']:.2f} client {cpu['client']:.2f} workers {cpu['workers'] if cpu['workers'] is None else round(cpu['workers'], 2)} | "
                 f"{args.concurrency} clients {conc['rps']:.0f} req/s ({row['rps_ratio_to_floor']:.2f} of floor) | "
                 f"load {row['load_avg']:.1f}",
                 flush=True,
@@ -178,7 +179,11 @@ def measure(label: str, bundle: Path, args, env: dict | None, models, x) -> dict
         "exit_code": code,
         "error_lines_in_log": sum("ERROR" in ln for ln in text.splitlines()),
         "rounds": rounds,
-        "median": {key: float(np.median([r[key] for r in rounds])) for key in rounds[0] if key != "round"},
+        "median": {
+            key: None if rounds[0][key] is None else float(np.median([r[key] for r in rounds]))
+            for key in rounds[0]
+            if key != "round"
+        },
     }
 
 
