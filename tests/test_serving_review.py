@@ -244,3 +244,61 @@ def test_two_restarts_of_one_worker_at_once_leave_no_process_running_unowned(mon
         t.join()
     running = [a for a in spawned if a not in killed]
     assert running == pool._actors[0], (len(spawned), len(killed))
+
+
+def test_a_kill_issued_while_a_restart_is_under_way_is_not_undone_by_it(tmp_path):
+    """/admin/kill during /admin/restart of the same worker: the kill comes last, so the
+    worker must end down with its processes killed, not back in service."""
+    import threading
+
+    from coinfer import Code
+    from coinfer.serving.runtime import Runtime, ServeConfig
+
+    manifest = {
+        "code": Code(2, 1).to_dict(),
+        "input_shape": [4],
+        "class_names": ["a", "b", "c"],
+        "architecture": {"name": "mlp", "kwargs": {}},
+        "files": {n: "0" * 64 for n in ("data_0.safetensors", "data_1.safetensors", "coded_0.safetensors")},
+    }
+    rt = Runtime(ServeConfig(tmp_path), manifest)
+
+    class Pool:  # WorkerPool's bookkeeping, with processes that start in 0.3 s
+        def __init__(self) -> None:
+            self.running: dict[int, int] = {0: 1}
+            self.lock = threading.Lock()
+
+        def kill(self, w):
+            with self.lock:
+                return self.running.pop(w, 0)
+
+        def restart(self, w):
+            self.kill(w)
+            time.sleep(0.3)
+            with self.lock:
+                self.running[w] = 1
+            return {"pids": [1]}
+
+        def addresses(self, w):
+            return [("127.0.0.1", 1)] if w in self.running else []
+
+    rt.pool = Pool()
+
+    def answers(w, x, inject=True):
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(np.full((len(x), 3), 1 / 3, np.float32))
+        return fut
+
+    rt._call = answers
+
+    async def main():
+        restart = asyncio.ensure_future(rt.restart(0))
+        await asyncio.sleep(0.1)  # the new process is starting
+        rt.kill(0)
+        try:
+            await restart
+        except Exception:  # refusing the restart is fine too
+            pass
+
+    asyncio.run(main())
+    assert 0 in rt.down and 0 not in rt.pool.running, (rt.down, rt.pool.running)
