@@ -60,7 +60,8 @@ class Channel:
     async def _connect(self) -> asyncio.StreamWriter:
         if self._writer is not None and not self._writer.is_closing():
             return self._writer
-        if self._connecting is None:  # one connection attempt for all the calls that need it
+        if self._connecting is None or self._connecting.done():  # one attempt for all the calls
+            # that need it; a finished one is stale (its callers were all cancelled before it ended)
             self._connecting = asyncio.ensure_future(self._open())
         fut = self._connecting
         try:
@@ -78,6 +79,9 @@ class Channel:
             raise WorkerCallError(
                 f"WorkerUnreachable: {self.host}:{self.port}: {exc or type(exc).__name__}"
             ) from None
+        if self.closed:  # aclose() while connecting: leave nothing open behind
+            writer.close()
+            raise WorkerCallError("WorkerLost: channel closed")
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -92,6 +96,12 @@ class Channel:
                 frame = await wire.read_frame(reader, self.max_payload)
                 if frame is None:
                     break
+                if frame.kind not in (wire.RESULT, wire.ERROR) or (
+                    frame.kind == wire.RESULT and frame.dtype != wire.FLOAT32
+                ):  # raised before its call is popped, so that the call fails with the others
+                    raise wire.WireError(
+                        f"unexpected {wire.KINDS[frame.kind]} frame (dtype {frame.dtype}) for request {frame.rid}"
+                    )
                 fut = self._pending.pop(frame.rid, None)
                 if frame.kind == wire.ERROR and frame.rid == 0 and fut is None:
                     why = f"worker closed the connection: {frame.text()}"

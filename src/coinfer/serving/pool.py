@@ -166,6 +166,11 @@ class WorkerPool:
                 for a in actors:
                     ray.kill(a, no_restart=True)
                 continue
+            for old in self._actors.get(w, []):  # a concurrent restart's: replaced, so not left running
+                try:
+                    ray.kill(old, no_restart=True)
+                except Exception:  # already gone
+                    pass
             self._actors[w], self._addresses[w], self.pids[w] = actors, addresses[w], pids[w]
         return refused
 

@@ -159,6 +159,7 @@ class Runtime:
         #: event loop -> {(host, port): Channel}; a channel belongs to the loop that opened it
         self._channels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._refreshing: dict[int, float] = {}
+        self._kills: dict[int, int] = {}  # worker -> kills so far (a later kill beats a restart)
         classes = len(self.class_names) if self.class_names else 1 << 16
         self.max_answer_bytes = 4 * config.max_batch * classes
 
@@ -505,6 +506,7 @@ class Runtime:
         self.check_worker(w)
         killed = self._pool().kill(w)
         self.down[w] = "killed"
+        self._kills[w] = self._kills.get(w, 0) + 1
         return {"worker": w, "killed_replicas": killed}
 
     async def restart(self, w: int, timeout_s: float = 120.0) -> dict[str, Any]:
@@ -520,6 +522,7 @@ class Runtime:
         self.check_worker(w)
         pool = self._pool()
         t0 = time.perf_counter()
+        kills = self._kills.get(w, 0)
         self.down.setdefault(w, "restarting")
         try:
             started = await asyncio.wait_for(asyncio.to_thread(pool.restart, w), timeout_s)
@@ -535,6 +538,9 @@ class Runtime:
             )
         except (WorkerCallError, TimeoutError) as exc:
             raise CoinferError(f"worker {w} started but does not answer: {exc}") from None
+        if self._kills.get(w, 0) != kills:  # killed meanwhile: the later action wins
+            pool.kill(w)
+            raise CoinferError(f"worker {w} was killed while it restarted; it stays down")
         self.down.pop(w, None)
         self.health.forget(w)
         return {"worker": w, "seconds": round(time.perf_counter() - t0, 3), "row": self.row_of[w], **started}

@@ -239,6 +239,12 @@ class WorkerServer:
                             await asyncio.sleep(0)
                     else:  # long: the loop keeps reading requests and cancellations meanwhile
                         out = await loop.run_in_executor(self._model_thread, self.run, x)
+                    if not isinstance(out, np.ndarray) or out.ndim < 1 or len(out) != len(x):
+                        # split by rows below: a short answer would hand rows to the wrong request
+                        raise ValueError(
+                            f"the model answered {getattr(out, 'shape', type(out).__name__)} "
+                            f"for a batch of {len(x)}"
+                        )
                     error = None
                 except Exception as exc:  # the model's failure is this batch's answer, the server goes on
                     out, error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -248,10 +254,14 @@ class WorkerServer:
                 start = 0
                 for job in jobs:
                     n = len(job.x)
-                    if error is not None:
-                        job.conn.send(wire.pack(wire.ERROR, job.rid, text=error))
+                    if error is None:
+                        try:
+                            self._reply(loop, job, out[start : start + n])
+                        except Exception as exc:  # e.g. an answer the wire cannot carry: this call's
+                            # error; the batcher must go on (else every later request waits forever)
+                            job.conn.send(wire.pack(wire.ERROR, job.rid, text=f"{type(exc).__name__}: {exc}"))
                     else:
-                        self._reply(loop, job, out[start : start + n])
+                        job.conn.send(wire.pack(wire.ERROR, job.rid, text=error))
                     start += n
 
     def _reply(self, loop: asyncio.AbstractEventLoop, job: _Job, out: np.ndarray) -> None:
