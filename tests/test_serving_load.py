@@ -185,7 +185,7 @@ def test_only_coded_mode_feeds_cancelled_calls_to_the_decode_slack_tracker(tmp_p
 def test_while_degraded_a_request_gives_up_after_the_degraded_timeout_not_the_full_one(tmp_path):
     """More than r workers slow: once health says no decodable set can be formed, requests
     still go out (so a recovery is noticed) but answer 503 within degraded_timeout_s."""
-    rt = _runtime(tmp_path, timeout_s=5.0, degraded_timeout_s=0.2)
+    rt = _runtime(tmp_path, timeout_s=1.5, degraded_timeout_s=0.2)
     silent: list[asyncio.Future] = []
 
     def never_answers(w, x, inject=True):
@@ -202,9 +202,13 @@ def test_while_degraded_a_request_gives_up_after_the_degraded_timeout_not_the_fu
         t0 = time.perf_counter()
         with pytest.raises(CollectError) as ei:
             await rt.predict(np.zeros((1, 4), np.float32))
+        elapsed = time.perf_counter() - t0
         assert not isinstance(ei.value, CollectTimeout)  # a 503 no_decodable_set, not a 504
         assert "degraded" in str(ei.value) and "0.2s degraded timeout" in str(ei.value)
-        return time.perf_counter() - t0
+        # the calls go on (a slow but recovered worker may still answer) up to the full timeout
+        assert not any(f.cancelled() for f in silent)
+        await asyncio.sleep(1.5)
+        return elapsed
 
     import time
 
@@ -212,4 +216,4 @@ def test_while_degraded_a_request_gives_up_after_the_degraded_timeout_not_the_fu
 
     assert asyncio.run(one()) < 1.0
     assert len(silent) == 3  # every worker was still asked
-    assert all(f.cancelled() for f in silent)  # and the calls were cancelled
+    assert all(f.cancelled() for f in silent)  # and cancelled at the full request timeout

@@ -246,3 +246,30 @@ def test_a_worker_that_is_not_listening_is_unreachable_by_name():
             await ch.call(np.zeros((1, *SHAPE), np.float32))
 
     asyncio.run(main())
+
+
+def test_a_call_cancelled_while_its_batch_runs_gets_no_answer_and_queued_rows_are_bounded():
+    def slow(x):
+        time.sleep(0.1)
+        return _softmaxish(x)
+
+    async def main():
+        srv, ch = await _serve(slow)
+        big = ch.submit(np.zeros((INLINE_ROWS + 1, *SHAPE), np.float32))  # runs in the model thread
+        await asyncio.sleep(0.03)
+        big.cancel()
+        ok = await ch.call(np.zeros((1, *SHAPE), np.float32))
+        blocker = ch.submit(np.zeros((INLINE_ROWS + 1, *SHAPE), np.float32))
+        await asyncio.sleep(0.03)
+        srv.max_queued_rows = 2  # a peer that floods the queue is refused, by name
+        queued = [ch.submit(np.zeros((1, *SHAPE), np.float32)) for _ in range(3)]
+        results = await asyncio.gather(*queued, return_exceptions=True)
+        await blocker
+        await ch.aclose()
+        await srv.close()
+        return ok, results
+
+    ok, results = asyncio.run(main())
+    assert ok.shape == (1, 2)
+    assert [isinstance(r, np.ndarray) for r in results] == [True, True, False]
+    assert "overloaded: 2 rows queued, the limit is 2" in str(results[2])

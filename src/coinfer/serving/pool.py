@@ -210,16 +210,20 @@ class WorkerPool:
         """Ask worker ``w``'s processes for their addresses again (after Ray restarted one)."""
         import ray
 
+        actors = self._actors.get(w, [])
+        old = list(self._addresses.get(w, []))
         fresh = []
-        for a in self._actors.get(w, []):
+        for i, a in enumerate(actors):
             try:
                 info = ray.get(a.address.remote(), timeout=timeout_s)
-            except Exception as exc:
+            except Exception as exc:  # still restarting: keep what we knew, a later refresh retries
                 log.warning("worker %d: no address from its process: %s", w, type(exc).__name__)
-                continue
+                info = {}
             if "host" in info:
                 fresh.append((info["host"], int(info["port"])))
-        if fresh:
+            elif i < len(old):
+                fresh.append(old[i])
+        if fresh and self._actors.get(w) is actors:  # not replaced by a restart meanwhile
             self._addresses[w] = fresh
         return self.addresses(w)
 

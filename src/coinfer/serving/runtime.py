@@ -372,11 +372,13 @@ class Runtime:
         degraded = not self._can_decode(plan)
         timeout = min(self.timeout_s, self.config.degraded_timeout_s) if degraded else self.timeout_s
         t0 = time.perf_counter()
+        ended = [False]
+        call = (lambda w: self._probe(w, x, t0, rows, ended)) if degraded else (lambda w: self._call(w, x))
         try:
             res = await collect(
                 self.code,
                 self.row_of,
-                lambda w: self._call(w, x),
+                call,
                 plan,
                 timeout,
                 down=self.down,
@@ -385,6 +387,7 @@ class Runtime:
                 shape=(rows, len(self.class_names) if self.class_names else None),
             )
         except CollectError as exc:
+            ended[0] = True
             self._account(mode, rows, t0, exc, timeout)
             if degraded and isinstance(exc, CollectTimeout):
                 fast = CollectError(
@@ -397,8 +400,26 @@ class Runtime:
                 fast.latency_s, fast.cancelled_s = exc.latency_s, exc.cancelled_s
                 raise fast from None
             raise
+        ended[0] = True
         self._account(mode, rows, t0, res, timeout)
         return res
+
+    def _probe(self, w: int, x: np.ndarray, t0: float, rows: int, ended: list[bool]) -> asyncio.Future:
+        """A call of a degraded request: the request gives up after the degraded timeout,
+        but the call itself runs on up to the full request timeout, and an answer that
+        arrives after the request ended is recorded (health, latency), so recovered
+        workers that answer slower than the degraded timeout end the degraded state."""
+        inner = self._call(w, x)
+        loop = asyncio.get_running_loop()
+        limit = loop.call_later(max(0.0, self.timeout_s - (time.perf_counter() - t0)), inner.cancel)
+
+        def done(f: asyncio.Future) -> None:
+            limit.cancel()
+            if ended[0] and not f.cancelled():  # before that, the collector records it
+                self._late(w, time.perf_counter() - t0, f.exception(), rows)
+
+        inner.add_done_callback(done)
+        return asyncio.shield(inner)
 
     def _account(
         self,

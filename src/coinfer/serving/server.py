@@ -96,7 +96,12 @@ class Server:
     async def serve(self) -> None:
         """Serve until :meth:`stop`."""
         public, admin = self._sockets
-        await asyncio.gather(self._main.serve(sockets=[public]), self._admin.serve(sockets=[admin]))
+        try:
+            await asyncio.gather(self._main.serve(sockets=[public]), self._admin.serve(sockets=[admin]))
+        finally:
+            close = getattr(self.runtime, "close_channels", None)  # this loop's connections to the workers
+            if close is not None:
+                await close()
 
     def start(self, timeout_s: float = 30.0) -> Server:
         """Serve in a background thread; return once both apps listen."""

@@ -51,6 +51,7 @@ INLINE_ROWS = 8
 class _Conn:
     writer: asyncio.StreamWriter
     queued: dict[int, _Job] = field(default_factory=dict)  # rid -> job not run yet
+    running: dict[int, _Job] = field(default_factory=dict)  # rid -> job in the batch being run
     held: dict[int, asyncio.TimerHandle] = field(default_factory=dict)  # rid -> delayed reply
     closed: bool = False
 
@@ -95,6 +96,9 @@ class WorkerServer:
         self.max_payload = 4 * self.max_rows * math.prod(self.input_shape)
         self.stats = {"requests": 0, "batches": 0, "rows": 0, "largest_batch": 0, "dropped": 0, "refused": 0}
         self._queue: deque[_Job] = deque()
+        self._queued_rows = 0
+        #: most rows queued at once over all connections (a peer that never reads cannot grow it)
+        self.max_queued_rows = 16 * max(self.max_rows, self.max_batch_size)
         self._wake: asyncio.Event | None = None
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[_Conn] = set()
@@ -178,8 +182,16 @@ class WorkerServer:
             )
         if not 1 <= frame.shape[0] <= self.max_rows:
             return self._refuse(conn, frame.rid, f"batch of {frame.shape[0]}, expected 1..{self.max_rows}")
-        if frame.rid in conn.queued or frame.rid in conn.held:
+        if frame.rid in conn.queued or frame.rid in conn.held or frame.rid in conn.running:
             return self._refuse(conn, frame.rid, f"request id {frame.rid} is already in use")
+        if self._queued_rows + frame.shape[0] > self.max_queued_rows:
+            return self._refuse(
+                conn,
+                frame.rid,
+                f"overloaded: {self._queued_rows} rows queued, the limit is {self.max_queued_rows}",
+            )
+        if len(conn.held) >= self.max_queued_rows:
+            return self._refuse(conn, frame.rid, f"overloaded: {len(conn.held)} answers held back")
         self.stats["requests"] += 1
         if frame.flags & wire.FLAG_FAIL:  # injected before any work, like a crash of the call
             conn.send(
@@ -191,6 +203,7 @@ class WorkerServer:
         job = _Job(conn, frame.rid, frame.array(), frame.delay_us / 1e6)
         conn.queued[frame.rid] = job
         self._queue.append(job)
+        self._queued_rows += len(job.x)
         assert self._wake is not None
         self._wake.set()
 
@@ -199,6 +212,9 @@ class WorkerServer:
         if job is not None:
             job.cancelled = True
             self.stats["dropped"] += 1
+        running = conn.running.get(rid)
+        if running is not None:  # its answer (or held-back answer) is not sent
+            running.cancelled = True
         held = conn.held.pop(rid, None)
         if held is not None:
             held.cancel()
@@ -212,11 +228,14 @@ class WorkerServer:
             job = self._queue[0]
             if job.cancelled:
                 self._queue.popleft()
+                self._queued_rows -= len(job.x)
                 continue
             if jobs and rows + len(job.x) > self.max_batch_size:
                 break
             self._queue.popleft()
+            self._queued_rows -= len(job.x)
             job.conn.queued.pop(job.rid, None)
+            job.conn.running[job.rid] = job
             jobs.append(job)
             rows += len(job.x)
         return jobs
@@ -254,7 +273,10 @@ class WorkerServer:
                 start = 0
                 for job in jobs:
                     n = len(job.x)
-                    if error is None:
+                    job.conn.running.pop(job.rid, None)
+                    if job.cancelled:  # cancelled while it ran: nobody waits for its answer
+                        pass
+                    elif error is None:
                         try:
                             self._reply(loop, job, out[start : start + n])
                         except Exception as exc:  # e.g. an answer the wire cannot carry: this call's
