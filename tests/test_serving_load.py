@@ -217,3 +217,16 @@ def test_while_degraded_a_request_gives_up_after_the_degraded_timeout_not_the_fu
     assert asyncio.run(one()) < 1.0
     assert len(silent) == 3  # every worker was still asked
     assert all(f.cancelled() for f in silent)  # and cancelled at the full request timeout
+
+
+def test_settings_are_checked_by_one_validator_at_start_and_at_run_time(tmp_path):
+    with pytest.raises(CoinferError, match="hedge_ms must be >= 0"):
+        ServeConfig(tmp_path, hedge_ms=-5)
+    rt = _runtime(tmp_path)
+    with pytest.raises(CoinferError, match="hedge_ms must be >= 0"):
+        rt.configure(hedge_ms=-5)
+    with pytest.raises(CoinferError, match="timeout_s must be > 0"):
+        rt.configure(mode="uncoded", timeout_s=0)
+    assert rt.mode == "coded"  # nothing changed: all or none
+    rt.configure(mode="uncoded", decode_slack="12")
+    assert rt.mode == "uncoded" and rt.decode_slack == 12.0
