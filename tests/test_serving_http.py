@@ -441,3 +441,40 @@ def test_a_malformed_npy_is_a_named_4xx_over_http(raw, status, reason, words):
     r = tc.post("/v1/predict", json={"npy": base64.b64encode(raw).decode()})
     assert r.status_code == status and r.json()["error"] == reason, r.text
     assert words in r.json()["detail"]
+
+
+def test_the_client_keeps_one_connection_names_errors_and_reconnects_after_the_server_closes_it():
+    import threading
+
+    from coinfer import Client
+    from coinfer.serving.client import ServerError, ServerUnreachable
+    from coinfer.serving.server import Server
+
+    srv = Server(StubRuntime(), port=0).start()
+    try:
+        with Client(srv.url) as c:
+            x = np.zeros((2, 4), np.float32)
+            reply = c.predict(x)
+            assert reply["batch"] == 2 and reply["outputs"][0]["labels"] == ["a", "a"]
+            sock = c._http._conn.sock
+            assert c.predict(x[0].tolist(), binary=False)["batch"] == 1
+            assert c._http._conn.sock is sock  # kept alive
+            with pytest.raises(ServerError) as ei:
+                c.predict(np.zeros((2, 5), np.float32))
+            assert ei.value.status == 422 and "(B, 4)" in ei.value.detail
+            assert c.health()["status"] == "ok" and "coinfer_requests_total" in c.metrics()
+            c._http._conn.sock.shutdown(socket.SHUT_RDWR)  # as if the server dropped an idle connection
+            assert c.predict(x)["batch"] == 2  # reconnected once, transparently
+            answers = []
+            threads = [
+                threading.Thread(target=lambda: answers.append(c.predict(x)["batch"])) for _ in range(4)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert answers == [2, 2, 2, 2]  # one connection, shared safely
+    finally:
+        srv.stop()
+    with pytest.raises(ServerUnreachable, match="no answer from http://127.0.0.1"), Client(srv.url, 2.0) as c:
+        c.predict(np.zeros((1, 4), np.float32))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
+import json
+import threading
+import urllib.parse
 from typing import Any
 
 import httpx
@@ -10,7 +14,7 @@ import numpy as np
 from coinfer.errors import CoinferError
 from coinfer.serving.validation import encode_npy
 
-__all__ = ["Client", "ServerError", "encode_npy"]
+__all__ = ["Client", "ServerError", "ServerUnreachable", "encode_npy"]
 
 
 class ServerError(CoinferError):
@@ -21,7 +25,77 @@ class ServerError(CoinferError):
         self.status, self.reason, self.detail = status, reason, detail
 
 
-def _raise_for(resp: httpx.Response) -> None:
+class ServerUnreachable(CoinferError, ConnectionError):
+    """No HTTP answer from the server (refused, reset or timed out)."""
+
+
+class _Reply:
+    """The little of an HTTP response that :class:`Client` reads."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status_code, self.content = status, body
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+class _Connection:
+    """One keep-alive HTTP/1.1 connection (the standard library's ``http.client``: about a
+    quarter of httpx's CPU per request, which a client on the server's machine shares with
+    it). Reconnects once when the server closed an idle connection; thread-safe."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        u = urllib.parse.urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise CoinferError(f"server URL must be http://HOST[:PORT] or https://..., got {url!r}")
+        self.url, self._u, self.timeout_s = url, u, timeout_s
+        self._prefix = u.path.rstrip("/")
+        self._conn: http.client.HTTPConnection | None = None
+        self._lock = threading.Lock()
+
+    def _open(self) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self._u.scheme == "https" else http.client.HTTPConnection
+        return cls(self._u.hostname, self._u.port, timeout=self.timeout_s)
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> _Reply:
+        headers = {"content-type": "application/json"} if body is not None else {}
+        with self._lock:
+            for attempt in (1, 2):
+                if self._conn is None:
+                    self._conn = self._open()
+                try:
+                    self._conn.request(method, self._prefix + path, body=body, headers=headers)
+                    resp = self._conn.getresponse()
+                    data = resp.read()
+                    if resp.will_close:
+                        self.close_locked()
+                    return _Reply(resp.status, data)
+                except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                    self.close_locked()  # a kept-alive connection the server had closed: once more
+                    if attempt == 2:
+                        raise ServerUnreachable(f"no answer from {self.url}: {exc}") from None
+                except (OSError, http.client.HTTPException) as exc:
+                    self.close_locked()
+                    raise ServerUnreachable(
+                        f"no answer from {self.url}: {type(exc).__name__}: {exc}"
+                    ) from None
+        raise AssertionError("unreachable")
+
+    def close_locked(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            self.close_locked()
+
+
+def _raise_for(resp: httpx.Response | _Reply) -> None:
     if resp.status_code < 400:
         return
     try:
@@ -48,7 +122,7 @@ class Client:
 
     def __init__(self, url: str = "http://127.0.0.1:8000", timeout_s: float = 30.0):
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout_s)
+        self._http = _Connection(self.url, timeout_s)
 
     def predict(
         self,
@@ -71,23 +145,23 @@ class Client:
             body["mode"] = mode
         if not return_probabilities:
             body["return_probabilities"] = False
-        resp = self._http.post("/v1/predict", json=body)
+        resp = self._http.request("POST", "/v1/predict", json.dumps(body).encode())
         _raise_for(resp)
         return resp.json()
 
     def models(self) -> dict[str, Any]:
         """The served bundle's summary (``GET /v1/models``)."""
-        resp = self._http.get("/v1/models")
+        resp = self._http.request("GET", "/v1/models")
         _raise_for(resp)
         return resp.json()
 
     def health(self) -> dict[str, Any]:
         """``GET /healthz`` (does not raise on 503 ``degraded``)."""
-        return self._http.get("/healthz").json()
+        return self._http.request("GET", "/healthz").json()
 
     def metrics(self) -> str:
         """The Prometheus text of ``GET /metrics``."""
-        resp = self._http.get("/metrics")
+        resp = self._http.request("GET", "/metrics")
         _raise_for(resp)
         return resp.text
 
