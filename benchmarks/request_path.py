@@ -9,8 +9,9 @@ driven over HTTP through ``coinfer.Client``:
   process's CPU time per request (``/proc/PID/stat`` utime + stime over the
   round, divided by the requests: the frontend and the Ray driver threads in it;
   the worker processes are not counted);
-* ``--concurrency`` closed-loop clients for ``--seconds``: requests per second,
-  against the floor's rate (1 / floor time).
+* ``--concurrency`` closed-loop clients (threads of this process, one
+  ``coinfer.Client`` each) for ``--seconds``: requests per second, against the
+  floor's rate (1 / floor time).
 
 Rounds interleave the floor and the server so both see the same machine load.
 ``--old-src DIR`` also measures another checkout's server (e.g. the Serve-based
@@ -24,7 +25,6 @@ after the current one, with its own interleaved floor. Startup (process start to
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -33,7 +33,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import torch
 
@@ -41,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving_latency import start_server  # noqa: E402
 
 from coinfer import Bundle, Client  # noqa: E402
-from coinfer.serving.client import encode_npy  # noqa: E402
 
 
 def _cpu_s(pid: int) -> float:
@@ -96,31 +94,31 @@ def sequential(url: str, x: np.ndarray, iters: int, pid: int) -> tuple[np.ndarra
     return lat, cpu
 
 
-async def _clients(url: str, body: bytes, concurrency: int, seconds: float) -> tuple[int, int]:
-    ok = bad = 0
-    stop = time.perf_counter() + seconds
-    headers = {"content-type": "application/json"}
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as c:
-
-        async def one() -> None:
-            nonlocal ok, bad
-            while time.perf_counter() < stop:
-                r = await c.post("/v1/predict", content=body, headers=headers)
-                if r.status_code == 200:
-                    ok += 1
-                else:
-                    bad += 1
-
-        await asyncio.gather(*(one() for _ in range(concurrency)))
-    return ok, bad
-
-
 def concurrent(url: str, x: np.ndarray, concurrency: int, seconds: float) -> dict[str, float]:
-    body = json.dumps({"npy": encode_npy(x)}).encode()
+    """``concurrency`` closed-loop clients (threads, one ``coinfer.Client`` each) for ``seconds``."""
+    import threading
+
+    from coinfer.serving.client import ServerError
+
+    counts = [[0, 0] for _ in range(concurrency)]
+    stop = time.perf_counter() + seconds
+
+    def one(i: int) -> None:
+        with Client(url) as c:
+            while time.perf_counter() < stop:
+                try:
+                    c.predict(x)
+                    counts[i][0] += 1
+                except ServerError:
+                    counts[i][1] += 1
+
     t0 = time.perf_counter()
-    ok, bad = asyncio.run(_clients(url, body, concurrency, seconds))
-    return {"rps": ok / (time.perf_counter() - t0), "errors": bad}
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"rps": sum(c[0] for c in counts) / (time.perf_counter() - t0), "errors": sum(c[1] for c in counts)}
 
 
 def measure(label: str, bundle: Path, args, env: dict | None, models, x) -> dict:
