@@ -107,3 +107,45 @@ def test_a_late_answer_to_a_degraded_request_that_was_cancelled_is_still_recorde
     asyncio.run(main())
     assert rt.health_report()["status"] == "ok"
     assert set(rt.latency.snapshot()) == {0, 1, 2}
+
+
+def test_cancelled_and_abandoned_queued_calls_stop_counting_against_the_worker_queue_bound():
+    """Calls cancelled (CANCEL) or left by a closed connection while a long batch runs are
+    dropped: they must not keep counting as queued rows until the batch ends, or the
+    worker refuses live calls as 'overloaded' for a queue that holds nothing to run (the
+    frontend cancels stragglers' calls at exactly the workers that are slow)."""
+    import numpy as np
+
+    from coinfer.serving.channel import Channel
+    from coinfer.serving.worker import INLINE_ROWS, WorkerServer
+
+    shape = (3, 2)
+
+    def slow(x):
+        time.sleep(0.3)
+        return np.full((len(x), 2), 0.5, np.float32)
+
+    async def main():
+        srv = WorkerServer(slow, shape, max_rows=64)
+        host, port = await srv.start("127.0.0.1")
+        ch, other = Channel(host, port, 1 << 20), Channel(host, port, 1 << 20)
+        blocker = await ch._connect() and ch.submit(np.zeros((INLINE_ROWS + 1, *shape), np.float32))
+        await asyncio.sleep(0.05)  # the model thread runs it
+        srv.max_queued_rows = 2
+        a = ch.submit(np.zeros((1, *shape), np.float32))
+        await other._connect()
+        b = other.submit(np.zeros((1, *shape), np.float32))
+        await asyncio.sleep(0.02)  # both queued
+        a.cancel()
+        await other.aclose()
+        await asyncio.sleep(0.02)  # the CANCEL and the close reached the worker
+        try:
+            live = await ch.call(np.zeros((1, *shape), np.float32))
+        finally:
+            await blocker
+            await ch.aclose()
+            await srv.close()
+        assert "WorkerLost" in str(b.exception())  # its channel closed
+        return live
+
+    assert asyncio.run(main()).shape == (1, 2)
