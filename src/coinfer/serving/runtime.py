@@ -373,7 +373,12 @@ class Runtime:
         timeout = min(self.timeout_s, self.config.degraded_timeout_s) if degraded else self.timeout_s
         t0 = time.perf_counter()
         ended = [False]
-        call = (lambda w: self._probe(w, x, t0, rows, ended)) if degraded else (lambda w: self._call(w, x))
+        probes: dict[int, asyncio.Future] = {}  # a degraded request's calls, which outlive it
+        call = (
+            (lambda w: self._probe(w, x, mode, t0, rows, ended, probes))
+            if degraded
+            else (lambda w: self._call(w, x))
+        )
         try:
             res = await collect(
                 self.code,
@@ -388,7 +393,7 @@ class Runtime:
             )
         except CollectError as exc:
             ended[0] = True
-            self._account(mode, rows, t0, exc, timeout)
+            self._account(mode, rows, t0, exc, timeout, _running(probes))
             if degraded and isinstance(exc, CollectTimeout):
                 fast = CollectError(
                     f"no decodable set: the usable workers cannot decode (health degraded: "
@@ -400,23 +405,48 @@ class Runtime:
                 fast.latency_s, fast.cancelled_s = exc.latency_s, exc.cancelled_s
                 raise fast from None
             raise
-        ended[0] = True
-        self._account(mode, rows, t0, res, timeout)
+        finally:  # also when the request itself is cancelled: its calls' outcomes are still recorded
+            ended[0] = True
+        self._account(mode, rows, t0, res, timeout, _running(probes))
         return res
 
-    def _probe(self, w: int, x: np.ndarray, t0: float, rows: int, ended: list[bool]) -> asyncio.Future:
+    def _probe(
+        self,
+        w: int,
+        x: np.ndarray,
+        mode: str,
+        t0: float,
+        rows: int,
+        ended: list[bool],
+        probes: dict[int, asyncio.Future],
+    ) -> asyncio.Future:
         """A call of a degraded request: the request gives up after the degraded timeout,
-        but the call itself runs on up to the full request timeout, and an answer that
-        arrives after the request ended is recorded (health, latency), so recovered
-        workers that answer slower than the degraded timeout end the degraded state."""
+        but the call itself runs on up to the full request timeout, and its outcome after
+        the request ended is recorded here, once (the request's own accounting leaves it
+        out): an answer or failure as a late one (health, latency), so recovered workers
+        that answer slower than the degraded timeout end the degraded state; a call cut
+        off at the full timeout as a cancelled call that did not answer in time."""
         inner = self._call(w, x)
+        if inner.done():  # failed at once (no process): the collector records it
+            return inner
+        started = time.perf_counter()
+        probes[w] = inner
         loop = asyncio.get_running_loop()
-        limit = loop.call_later(max(0.0, self.timeout_s - (time.perf_counter() - t0)), inner.cancel)
+        limit = loop.call_later(max(0.0, self.timeout_s - (started - t0)), inner.cancel)
 
         def done(f: asyncio.Future) -> None:
             limit.cancel()
-            if ended[0] and not f.cancelled():  # before that, the collector records it
-                self._late(w, time.perf_counter() - t0, f.exception(), rows)
+            if not ended[0]:  # the collector records it
+                return
+            seconds = time.perf_counter() - started
+            if not f.cancelled():
+                self._late(w, seconds, f.exception(), rows)
+                return
+            self.metrics.cancelled(w)  # cut off at the full request timeout
+            if mode == "coded":  # as _account: a lower bound of its latency
+                self.latency.observe(w, seconds, rows)
+            if w not in self.down:
+                self.health.failure(w, f"no answer within the {self.timeout_s:g}s request timeout")
 
         inner.add_done_callback(done)
         return asyncio.shield(inner)
@@ -428,6 +458,7 @@ class Runtime:
         t0: float,
         outcome: Collection | CollectError,
         timeout_s: float | None = None,
+        running_on: frozenset[int] = frozenset(),
     ) -> None:
         """All the bookkeeping of one request, answered or not: the request metrics, each
         worker's latency and failure metrics, the decode-slack tracker and worker health.
@@ -436,7 +467,11 @@ class Runtime:
         it had run is a lower bound of its latency and is fed to the decode-slack
         tracker (so cutting a straggler off never makes it look faster). In the other
         modes a data worker is cancelled when its replica or backup won, at the
-        winner's time, which says nothing about its own latency: not fed."""
+        winner's time, which says nothing about its own latency: not fed.
+
+        ``running_on``: workers whose calls the collector let go but that still run (a
+        degraded request's, see :meth:`_probe`, which records their outcome): neither
+        cancelled nor timed out here."""
         m = self.metrics
         if isinstance(outcome, Collection):
             m.request(mode, "ok", time.perf_counter() - t0)
@@ -451,6 +486,8 @@ class Runtime:
             self.latency.observe(w, s, rows)
             self.health.success(w)
         for w, s in outcome.cancelled_s.items():
+            if w in running_on:
+                continue
             m.cancelled(w)
             if mode == "coded":
                 self.latency.observe(w, s, rows)
@@ -460,6 +497,8 @@ class Runtime:
                 self.health.failure(w, reason)
         if isinstance(outcome, CollectTimeout):
             for w in outcome.pending:
+                if w in running_on:
+                    continue
                 self.health.failure(
                     w, f"no answer within the {timeout_s or self.timeout_s:g}s request timeout"
                 )
@@ -594,3 +633,8 @@ class Runtime:
                 for w, s in sorted(self.slots.items())
             ],
         }
+
+
+def _running(probes: dict[int, asyncio.Future]) -> frozenset[int]:
+    """The workers of ``probes`` whose calls have not ended."""
+    return frozenset(w for w, f in probes.items() if not f.done())

@@ -161,8 +161,10 @@ class WorkerServer:
         finally:
             conn.closed = True
             self._conns.discard(conn)
-            for job in conn.queued.values():
+            for job in conn.queued.values():  # dropped now: no longer counted as queued
                 job.cancelled = True
+                self._queued_rows -= len(job.x)
+            conn.queued.clear()
             for h in conn.held.values():
                 h.cancel()
             writer.close()
@@ -209,8 +211,9 @@ class WorkerServer:
 
     def _cancel(self, conn: _Conn, rid: int) -> None:
         job = conn.queued.pop(rid, None)
-        if job is not None:
+        if job is not None:  # it stays in the batcher's queue, skipped there; not counted from now
             job.cancelled = True
+            self._queued_rows -= len(job.x)
             self.stats["dropped"] += 1
         running = conn.running.get(rid)
         if running is not None:  # its answer (or held-back answer) is not sent
@@ -226,9 +229,8 @@ class WorkerServer:
         rows = 0
         while self._queue:
             job = self._queue[0]
-            if job.cancelled:
+            if job.cancelled:  # no longer counted in _queued_rows (see _cancel, _serve)
                 self._queue.popleft()
-                self._queued_rows -= len(job.x)
                 continue
             if jobs and rows + len(job.x) > self.max_batch_size:
                 break
