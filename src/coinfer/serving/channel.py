@@ -25,14 +25,14 @@ __all__ = ["Channel", "WorkerCallError"]
 
 def _keepalive(sock: socket.socket) -> None:
     """Notice a worker whose node vanished without closing the connection: keepalive
-    probes after 10 s idle, and unacknowledged data failing the connection after 10 s
+    probes after 10 s idle, and unacknowledged data failing the connection after 30 s
     (Linux options; skipped where missing)."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for name, value in (
         ("TCP_KEEPIDLE", 10),
         ("TCP_KEEPINTVL", 5),
         ("TCP_KEEPCNT", 3),
-        ("TCP_USER_TIMEOUT", 10_000),
+        ("TCP_USER_TIMEOUT", 30_000),
     ):
         opt = getattr(socket, name, None)
         if opt is not None:

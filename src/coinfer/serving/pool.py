@@ -221,9 +221,13 @@ class WorkerPool:
                 info = {}
             if "host" in info:
                 fresh.append((info["host"], int(info["port"])))
+            elif "refused" in info:  # restarted by Ray and refused its file: no address to keep
+                log.warning(
+                    "worker %d: its restarted process refused to start: %s", w, _first_line(info["refused"])
+                )
             elif i < len(old):
                 fresh.append(old[i])
-        if fresh and self._actors.get(w) is actors:  # not replaced by a restart meanwhile
+        if self._actors.get(w) is actors:  # not replaced by a restart meanwhile
             self._addresses[w] = fresh
         return self.addresses(w)
 

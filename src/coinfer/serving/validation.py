@@ -302,7 +302,7 @@ def decode_npy(raw: bytes, input_shape: tuple[int, ...], max_batch: int) -> np.n
         )
     try:
         end = 8 + width + declared
-        shape, fortran_order, dtype = _read_npy_header(version, raw[:end])
+        shape, fortran_order, dtype = _read_npy_header(version, bytes(raw[:end]))
         fp.seek(end)
     except Exception as exc:  # ValueError mostly; whatever a hostile header raises is the body's fault
         raise _bad_npy(
