@@ -71,6 +71,23 @@ def digits_specialists(k: int = 2, hidden=(64, 32), seed: int = 0):
     return arch, models, ds, ds.x_train[rest]
 
 
+def offline_runtime(tmp_path, class_names=("a", "b", "c"), **config):
+    """A ``Runtime`` of a k = 2, r = 1 manifest over (4,) inputs, without Ray or worker
+    processes (its ``_call`` is for the test to replace): the request path, accounting,
+    health and admin logic alone."""
+    from coinfer import Code
+    from coinfer.serving.runtime import Runtime, ServeConfig
+
+    manifest = {
+        "code": Code(2, 1).to_dict(),
+        "input_shape": [4],
+        "class_names": list(class_names),
+        "architecture": {"name": "mlp", "kwargs": {}},
+        "files": {n: "0" * 64 for n in ("data_0.safetensors", "data_1.safetensors", "coded_0.safetensors")},
+    }
+    return Runtime(ServeConfig(tmp_path, **config), manifest)
+
+
 @contextlib.contextmanager
 def local_ray_server(bundle_dir, **config):
     """A local Ray (4 CPUs) and ``serve_bundle`` on free ports; stopped on exit."""

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from coinfer import Code
 from coinfer.errors import CoinferError
 from coinfer.serving.app import build_app
 from coinfer.serving.collector import CollectError, Collection
 from coinfer.serving.runtime import Runtime, ServeConfig, WorkerHealth
+
+from .conftest import offline_runtime
 
 
 class Clock:
@@ -26,16 +27,7 @@ class Clock:
 
 
 def _runtime(tmp_path, **config) -> Runtime:
-    manifest = {
-        "code": Code(2, 1).to_dict(),
-        "input_shape": [4],
-        "class_names": [f"c{i}" for i in range(3)],
-        "architecture": {"name": "mlp", "kwargs": {}},
-        "files": {
-            name: "0" * 64 for name in ("data_0.safetensors", "data_1.safetensors", "coded_0.safetensors")
-        },
-    }
-    return Runtime(ServeConfig(tmp_path, **config), manifest)
+    return offline_runtime(tmp_path, class_names=[f"c{i}" for i in range(3)], **config)
 
 
 def test_tracker_flags_a_worker_after_threshold_consecutive_failures_and_one_answer_clears_it():

@@ -15,6 +15,8 @@ from coinfer.serving import wire
 from coinfer.serving.channel import Channel, WorkerCallError
 from coinfer.serving.worker import INLINE_ROWS, WorkerServer
 
+from .conftest import offline_runtime
+
 SHAPE = (3, 2)
 
 
@@ -161,18 +163,9 @@ def test_degraded_recovers_once_the_workers_answer_within_the_request_timeout(tm
     request timeout, yet every degraded request gives up after the 0.2 s degraded timeout,
     cancels their calls (no success recorded) and counts each as another failure: the
     server keeps answering 503 for as long as requests keep coming."""
-    from coinfer import Code
     from coinfer.serving.collector import CollectError, CollectTimeout
-    from coinfer.serving.runtime import Runtime, ServeConfig
 
-    manifest = {
-        "code": Code(2, 1).to_dict(),
-        "input_shape": [4],
-        "class_names": ["a", "b", "c"],
-        "architecture": {"name": "mlp", "kwargs": {}},
-        "files": {n: "0" * 64 for n in ("data_0.safetensors", "data_1.safetensors", "coded_0.safetensors")},
-    }
-    rt = Runtime(ServeConfig(tmp_path, timeout_s=5.0, degraded_timeout_s=0.2), manifest)
+    rt = offline_runtime(tmp_path, timeout_s=5.0, degraded_timeout_s=0.2)
 
     def answers_in_300ms(w, x, inject=True):
         fut = asyncio.get_running_loop().create_future()
@@ -251,17 +244,7 @@ def test_a_kill_issued_while_a_restart_is_under_way_is_not_undone_by_it(tmp_path
     worker must end down with its processes killed, not back in service."""
     import threading
 
-    from coinfer import Code
-    from coinfer.serving.runtime import Runtime, ServeConfig
-
-    manifest = {
-        "code": Code(2, 1).to_dict(),
-        "input_shape": [4],
-        "class_names": ["a", "b", "c"],
-        "architecture": {"name": "mlp", "kwargs": {}},
-        "files": {n: "0" * 64 for n in ("data_0.safetensors", "data_1.safetensors", "coded_0.safetensors")},
-    }
-    rt = Runtime(ServeConfig(tmp_path), manifest)
+    rt = offline_runtime(tmp_path)
 
     class Pool:  # WorkerPool's bookkeeping, with processes that start in 0.3 s
         def __init__(self) -> None:

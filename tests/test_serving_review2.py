@@ -7,20 +7,14 @@ import time
 
 import numpy as np
 
-from coinfer import Code
 from coinfer.serving.collector import CollectError, CollectTimeout
-from coinfer.serving.runtime import Runtime, ServeConfig
+from coinfer.serving.runtime import Runtime
+
+from .conftest import offline_runtime
 
 
 def _runtime(tmp_path, **config) -> Runtime:
-    manifest = {
-        "code": Code(2, 1).to_dict(),
-        "input_shape": [4],
-        "class_names": ["a", "b", "c"],
-        "architecture": {"name": "mlp", "kwargs": {}},
-        "files": {n: "0" * 64 for n in ("data_0.safetensors", "data_1.safetensors", "coded_0.safetensors")},
-    }
-    return Runtime(ServeConfig(tmp_path, **config), manifest)
+    return offline_runtime(tmp_path, **config)
 
 
 def _degrade(rt: Runtime) -> None:

@@ -267,9 +267,10 @@ def test_a_call_cancelled_while_its_batch_runs_gets_no_answer_and_queued_rows_ar
         await blocker
         await ch.aclose()
         await srv.close()
-        return ok, results
+        return ok, results, srv.stats
 
-    ok, results = asyncio.run(main())
+    ok, results, stats = asyncio.run(main())
+    assert stats["discarded"] == 1 and stats["dropped"] == 0  # computed, its answer not sent
     assert ok.shape == (1, 2)
     assert [isinstance(r, np.ndarray) for r in results] == [True, True, False]
     assert "overloaded: 2 rows queued, the limit is 2" in str(results[2])

@@ -130,11 +130,6 @@ class Runtime(AdminActions):
     def __init__(self, config: ServeConfig, manifest: dict[str, Any]) -> None:
         self.config = config
         self.bundle = ServedBundle.check(config, manifest)
-        self.manifest = manifest
-        self.architecture, self.code = self.bundle.architecture, self.bundle.code
-        self.pins = self.bundle.files
-        self.input_shape = self.bundle.input_shape
-        self.class_names = self.bundle.class_names
         self.metrics = Metrics()
         self.mode = config.mode
         self.timeout_s = config.timeout_s
@@ -163,6 +158,13 @@ class Runtime(AdminActions):
         self._kills: dict[int, int] = {}  # worker -> kills so far (a later kill beats a restart)
         classes = len(self.class_names) if self.class_names else 1 << 16
         self.max_answer_bytes = 4 * config.max_batch * classes
+
+    # the validated bundle's parts, as the HTTP app and the admin actions read them
+    manifest = property(lambda self: self.bundle.manifest)
+    architecture = property(lambda self: self.bundle.architecture)
+    code = property(lambda self: self.bundle.code)
+    input_shape = property(lambda self: self.bundle.input_shape)
+    class_names = property(lambda self: self.bundle.class_names)
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -393,7 +395,6 @@ class Runtime(AdminActions):
                 shape=(rows, len(self.class_names) if self.class_names else None),
             )
         except CollectError as exc:
-            ended[0] = True
             self._account(mode, rows, t0, exc, timeout, _running(probes))
             if degraded and isinstance(exc, CollectTimeout):
                 fast = CollectError(

@@ -94,7 +94,15 @@ class WorkerServer:
         self.max_batch_size = max(1, int(max_batch_size))
         self.worker = worker
         self.max_payload = 4 * self.max_rows * math.prod(self.input_shape)
-        self.stats = {"requests": 0, "batches": 0, "rows": 0, "largest_batch": 0, "dropped": 0, "refused": 0}
+        self.stats = {
+            "requests": 0,
+            "batches": 0,
+            "rows": 0,
+            "largest_batch": 0,
+            "dropped": 0,
+            "discarded": 0,
+            "refused": 0,
+        }
         self._queue: deque[_Job] = deque()
         self._queued_rows = 0
         #: most rows queued at once over all connections (a peer that never reads cannot grow it)
@@ -277,7 +285,7 @@ class WorkerServer:
                     n = len(job.x)
                     job.conn.running.pop(job.rid, None)
                     if job.cancelled:  # cancelled while it ran: nobody waits for its answer
-                        pass
+                        self.stats["discarded"] += 1
                     elif error is None:
                         try:
                             self._reply(loop, job, out[start : start + n])
