@@ -20,6 +20,7 @@ after the current one, with its own interleaved floor. Startup (process start to
 ``/healthz`` 200) and shutdown (SIGINT to exit) are timed too.
 
     python benchmarks/request_path.py runs/mnist-k2r1 --rounds 3 --out benchmarks/results/request_path.json
+    python benchmarks/request_path.py runs/demo --rounds 0 --warmup 0 --out runs/startup.json   # startup only
 """
 
 from __future__ import annotations
@@ -118,7 +119,10 @@ def concurrent(url: str, x: np.ndarray, concurrency: int, seconds: float) -> dic
         t.start()
     for t in threads:
         t.join()
-    return {"rps": sum(c[0] for c in counts) / (time.perf_counter() - t0), "errors": sum(c[1] for c in counts)}
+    return {
+        "rps": sum(c[0] for c in counts) / (time.perf_counter() - t0),
+        "errors": sum(c[1] for c in counts),
+    }
 
 
 def measure(label: str, bundle: Path, args, env: dict | None, models, x) -> dict:
@@ -177,9 +181,9 @@ def measure(label: str, bundle: Path, args, env: dict | None, models, x) -> dict
         "exit_code": code,
         "error_lines_in_log": sum("ERROR" in ln for ln in text.splitlines()),
         "rounds": rounds,
-        "median": {
+        "median": {  # empty with --rounds 0 (startup and shutdown only)
             key: None if rounds[0][key] is None else float(np.median([r[key] for r in rounds]))
-            for key in rounds[0]
+            for key in (rounds[0] if rounds else {})
             if key != "round"
         },
     }
@@ -222,6 +226,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for run in runs:
         m = run["median"]
+        if not m:
+            print(
+                f"| {run['label']} | {run['startup_s']:.1f} | (no rounds: shutdown {run['shutdown_s']:.1f} s, exit {run['exit_code']}) |"
+            )
+            continue
         print(
             f"| {run['label']} | {run['startup_s']:.1f} | {m['floor_ms']:.2f} | {m['http_p50_ms']:.2f} | "
             f"{m['ratio_to_floor']:.2f}x | {m['server_cpu_ms_per_request']:.2f} | "
