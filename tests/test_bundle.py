@@ -368,3 +368,45 @@ def test_registered_kwargs_describing_a_huge_model_are_refused_before_allocating
     with pytest.raises(BundleError, match="needs 4000000.* bytes of weights but the file holds"):
         Bundle.load(target)
     assert time.perf_counter() - t0 < 2.0
+
+
+_SAVER = """
+import sys, torch
+from coinfer import Bundle, Code, build_model
+spec = {"name": "mlp", "kwargs": {"in_features": 4, "hidden": [6], "num_classes": 3}}
+torch.manual_seed(int(sys.argv[2]))
+models = [build_model(spec) for _ in range(3)]
+for _ in range(int(sys.argv[3])):
+    Bundle(spec, Code(2, 1), models[:2], models[2:], (4,)).save(sys.argv[1], overwrite=True)
+print("ok")
+"""
+
+
+def test_concurrent_saves_serialise_and_a_loader_never_sees_a_mixed_bundle(tmp_path):
+    """Two processes replacing one bundle while this one loads it: every save
+    succeeds, every load gets a whole bundle (no false 'corrupted')."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "b"
+    spec = {"name": "mlp", "kwargs": {"in_features": 4, "hidden": [6], "num_classes": 3}}
+    ms = [build_model(spec) for _ in range(3)]
+    Bundle(spec, Code(2, 1), ms[:2], ms[2:], (4,)).save(target)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SAVER, str(target), str(seed), "25"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in (1, 2)
+    ]
+    loads = 0
+    while any(p.poll() is None for p in procs):
+        Bundle.load(target)  # raises on a mixed or half-replaced bundle
+        loads += 1
+    for p in procs:
+        out, err = p.communicate()
+        assert p.returncode == 0 and out.strip() == "ok", err[-2000:]
+    assert loads > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # nothing left beside it

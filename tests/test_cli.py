@@ -60,6 +60,8 @@ def test_encode_inspect_predict_end_to_end(monkeypatch, capsys, tmp_path, checkp
             out,
             "--r",
             "2",
+            "--method",
+            "coin",
             "--estimator",
             "empirical",
             "--labels-key",
@@ -70,6 +72,8 @@ def test_encode_inspect_predict_end_to_end(monkeypatch, capsys, tmp_path, checkp
     )
     assert code == 0, err
     assert "wrote bundle" in stdout and "Fisher totals" in stdout
+    flat = " ".join(stdout.split())
+    assert "parity cost 1.000x" in flat and "reconstruction on the calibration inputs" in flat
     b = Bundle.load(out)
     assert (b.code.k, b.code.r) == (3, 2) and b.encoder["options"]["estimator"] == "empirical"
 

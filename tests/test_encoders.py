@@ -155,7 +155,7 @@ def test_wrong_calibration_shape_is_named(cnn_pair):
     with pytest.raises(CalibrationError, match="floating point"):
         encode(cnn_pair, Code(2, 1), torch.zeros(4, 1, 6, 6, dtype=torch.long))
     with pytest.raises(CalibrationError, match="needs labelled"):
-        encode(cnn_pair, Code(2, 1), torch.randn(4, 1, 6, 6), estimator="empirical")
+        encode(cnn_pair, Code(2, 1), torch.randn(4, 1, 6, 6), method="coin", estimator="empirical")
 
 
 def test_unknown_method_and_options_are_named(cnn_pair, images):

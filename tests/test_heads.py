@@ -4,6 +4,7 @@ encoder's options, bundles, and what it buys on class-split specialists."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,7 +12,16 @@ from torch import nn
 
 from coinfer import Bundle, Code, build_model, encode
 from coinfer.errors import BundleError, SplitError
-from coinfer.heads import HeadsParity, _check_refittable, _layer_io, _stats, refit_layer
+from coinfer.heads import HeadsParity
+from coinfer.refit import (
+    HeadRefit,
+    as_graph,
+    check_refittable,
+    layer_stats,
+    node_values,
+    plan_refit,
+    refit_layer,
+)
 from coinfer.split import count_flops, split_candidates, split_model
 
 from .conftest import SmallBN
@@ -24,10 +34,17 @@ def _refit_stats(name, head, h_merged, h_own):
     """Ridge statistics of one head layer: its input on the merged features,
     its output on the model's own features."""
     layer = dict(head.named_modules())[name]
-    _check_refittable(name, layer)
-    a_merged, _ = _layer_io(layer, head, h_merged)
-    _, t_own = _layer_io(layer, head, h_own)
-    return _stats(layer, a_merged, t_own)
+    check_refittable(name, layer)
+    a_merged, _ = _layer_io(name, head, h_merged)
+    _, t_own = _layer_io(name, head, h_own)
+    return layer_stats(layer, a_merged, t_own)
+
+
+def _layer_io(name, head, h):
+    """The input and output of head layer ``name`` when the head runs on ``h``."""
+    (p,) = [p for p in plan_refit(head) if p.name == name]
+    v = node_values(as_graph(head), h, [p.input, p.output])
+    return v[p.input], v[p.output]
 
 
 def _models(spec, k, seed=0):
@@ -209,9 +226,9 @@ def test_refit_reduces_heldout_preactivation_error_versus_copy():
                     st = _refit_stats("fc1", h_i, trunk_m(x_fit), t_i(x_fit))
                 refit_layer(h_i.fc1, st, alpha=1e-3)
             with torch.no_grad():
-                _, got = _layer_io(h_i.fc1, h_i, trunk_m(x_val))
+                _, got = _layer_io("fc1", h_i, trunk_m(x_val))
                 own_t, own_h = split_model(models[i], "fc1")
-                _, want = _layer_io(own_h.fc1, own_h.eval(), own_t.eval()(x_val))
+                _, want = _layer_io("fc1", own_h.eval(), own_t.eval()(x_val))
             err += float(((got - want) ** 2).mean())
         errs[refit] = err
     assert errs[True] < 0.5 * errs[False], errs
@@ -220,7 +237,9 @@ def test_refit_reduces_heldout_preactivation_error_versus_copy():
 def test_conv_head_refit_runs_on_unfolded_patches():
     models = _shift_models(seed=2)
     x = torch.randn(80, 1, 28, 28, generator=torch.Generator().manual_seed(5))
-    coded = encode(models, Code(2, 1), x, method="heads", split="conv2", trunk="average", alphas=[1e-2])
+    coded = encode(
+        models, Code(2, 1), x, method="heads", split="conv2", trunk="average", alphas=[1e-2], refit_depth=1
+    )
     assert coded.info["refit_layers"] == [["conv2"]] and coded.info["alpha"] == [1e-2]
     assert coded.info["parity_cost"] == pytest.approx(1 + 597840 / 833040, rel=1e-6)
 
@@ -237,13 +256,88 @@ def test_auto_split_respects_max_parity_cost_and_reports_the_candidates():
     assert ("fc2", None) in tried and ("fc3", 1e-4) in tried
 
 
-def test_a_head_starting_with_batchnorm_cannot_be_refit_and_says_so():
+def test_a_head_starting_with_batchnorm_refits_the_layer_after_it():
     models = [SmallBN().eval(), SmallBN().eval()]
     x = torch.randn(20, 1, 6, 6)
-    with pytest.raises(SplitError, match="BatchNorm2d.*refit supports nn.Linear"):
-        encode(models, Code(2, 1), x, method="heads", split="bn", trunk="average")
-    coded = encode(models, Code(2, 1), x, method="heads", split="bn", trunk="average", refit=False)
-    assert coded.info["split"] == ["bn"]
+    coded = encode(models, Code(2, 1), x, method="heads", split="bn", trunk="average", alphas=[1e-3])
+    assert coded.info["split"] == ["bn"] and coded.info["refit_layers"] == [["fc"]]
+
+
+def test_a_head_starting_with_a_grouped_convolution_cannot_be_refit_and_says_so():
+    head = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(16, 3))
+    with pytest.raises(SplitError, match="grouped convolution"):
+        plan_refit(head)
+
+
+class _Residual(nn.Module):
+    """``x + fc(x)``, then a classifier: the layer writes into a residual stream."""
+
+    def __init__(self, d=6, c=3):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+        self.out = nn.Linear(d, c)
+
+    def forward(self, x):
+        return self.out(x + self.fc(self.norm(x)))
+
+
+def test_the_plan_reads_norms_and_the_residual_a_layer_writes_into():
+    vit = build_model({"name": "vit", "kwargs": {"depth": 2}}).eval()
+    _, head = split_model(vit, "blocks.1")
+    plan = plan_refit(head)
+    names = [p.name for p in plan]
+    assert names == ["blocks.1.attn.qkv", "blocks.1.attn.proj", "blocks.1.mlp.0", "blocks.1.mlp.2", "head"]
+    writes = {p.name: p.add is not None for p in plan}
+    assert writes == {n: n.endswith(("proj", "mlp.2")) for n in names}
+
+
+def test_a_residual_layer_is_refit_so_the_sum_matches_the_models_own():
+    """Merged features = own + a constant shift: refitting ``fc`` against the
+    residual (own sum minus the running stream) cancels the shift exactly,
+    which a target of fc's own output could not."""
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    model.norm = nn.Identity()  # keep the map linear so the compensation is exact
+    _, head = split_model(model, "norm")
+    own = torch.randn(500, 6)
+    shift = torch.randn(1, 6)
+    (p,) = [p for p in plan_refit(head) if p.name == "fc"]
+    assert p.add is not None
+    refit = HeadRefit(head, own, own + shift, plan_refit(head)).fit(1e-9, [1])[1]
+    with torch.no_grad():
+        got = node_values(as_graph(refit), own + shift, [p.add])[p.add]
+        want = node_values(as_graph(head), own, [p.add])[p.add]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_a_residual_through_batchnorm_is_inverted_on_the_target():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.bn = nn.BatchNorm2d(3)
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.bn(self.conv(x)) + x).mean(dim=(2, 3)))
+
+    torch.manual_seed(1)
+    model = Block().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+        model.bn.weight.uniform_(0.5, 2)
+    _, head = split_model(model, "conv")
+    own = torch.randn(200, 3, 4, 4)
+    shift = torch.randn(1, 3, 1, 1)
+    plan = plan_refit(head)
+    assert plan[0].name == "conv" and plan[0].bns == ["bn"]
+    refit = HeadRefit(head, own, own + shift, plan).fit(1e-9, [1])[1]
+    with torch.no_grad():
+        got = node_values(as_graph(refit), own + shift, [plan[0].add])[plan[0].add]
+        want = node_values(as_graph(head), own, [plan[0].add])[plan[0].add]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
 # --------------------------------------------------------------------------- options
@@ -567,3 +661,52 @@ def test_encoding_does_not_advance_the_callers_rng():
     torch.manual_seed(123)
     encode(models, Code(2, 1), x, method="heads", split="fc1", rank=4)
     assert torch.equal(torch.rand(1), want)
+
+
+# --------------------------------------------------------------------------- RegMean, ViT
+def test_regmean_solves_the_stacked_regression_of_each_models_own_layer_inputs():
+    from coinfer.merge import regmean_merge
+
+    torch.manual_seed(3)
+    models = [build_model(MLP).eval() for _ in range(2)]
+    x = torch.randn(300, 10)
+    merged = regmean_merge(models, [0.25, 0.75], x, alpha=1.0)
+    # the first layer sees the same inputs in both models: the weighted average
+    want0 = 0.25 * models[0].net[1].weight + 0.75 * models[1].net[1].weight
+    torch.testing.assert_close(merged.net[1].weight, want0, atol=1e-5, rtol=0)
+    # the last layer: least squares over both models' own hidden features, weighted by w
+    rows, tgts = [], []
+    for w, m in zip([0.25, 0.75], models, strict=True):
+        with torch.no_grad():
+            h = torch.relu(m.net[1](x)).double()
+            h1 = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1)
+            rows.append(w**0.5 * h1)
+            tgts.append(w**0.5 * m.net[3](h.float()).double())
+    sol = torch.linalg.lstsq(torch.cat(rows), torch.cat(tgts)).solution.T
+    torch.testing.assert_close(merged.net[3].weight.double(), sol[:, :-1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(merged.net[3].bias.double(), sol[:, -1], atol=1e-4, rtol=0)
+
+
+def test_regmean_of_identical_models_is_the_model():
+    from coinfer.merge import regmean_merge
+
+    m = build_model({"name": "vit", "kwargs": {"depth": 2}}).eval()
+    merged = regmean_merge([m, __import__("copy").deepcopy(m)], [0.5, 0.5], torch.randn(40, 1, 28, 28))
+    for (key, a), b in zip(m.state_dict().items(), merged.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=key)
+
+
+def test_vit_splits_before_its_norms_and_a_heads_bundle_round_trips(tmp_path):
+    spec = {"name": "vit", "kwargs": {"depth": 2, "dim": 32, "mlp_dim": 64}}
+    models = _models(spec, 2)
+    assert "blocks.1.norm2" in split_candidates(models[0])
+    x = torch.randn(120, 1, 28, 28)
+    coded = encode(models, Code(2, 1), x, trunk="auto", max_parity_cost=1.3, alphas=[1e-2, math.inf])
+    assert coded.info["method"] == "heads"  # the default
+    assert {t["trunk"] for t in coded.info["tried"]} == {"average", "regmean"}
+    # the splits before a LayerNorm are tried, not dropped as unrefittable
+    assert "blocks.1.norm2" in coded.info["split_candidates"]
+    path = Bundle(spec, Code(2, 1), models, list(coded), (1, 28, 28)).save(tmp_path / "vit")
+    loaded = Bundle.load(path).coded_models[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x[:5]), coded[0](x[:5]))

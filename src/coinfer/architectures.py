@@ -1,7 +1,7 @@
 """Reference networks and architecture specs.
 
 An architecture spec is a JSON-able dict ``{"name": ..., "kwargs": {...}}``
-where ``name`` is a registered architecture (``mlp``, ``lenet5``, ``resnet20``)
+where ``name`` is a registered architecture (``mlp``, ``lenet5``, ``resnet20``, ``vit``)
 or a ``"package.module:factory"`` path to a user's own factory returning an
 ``nn.Module`` classifier that outputs logits.
 
@@ -28,6 +28,7 @@ __all__ = [
     "MLP",
     "LeNet5",
     "ResNet20",
+    "ViT",
     "ARCHITECTURES",
     "build_model",
     "normalize_spec",
@@ -124,10 +125,92 @@ class ResNet20(nn.Module):
         return self.fc(out)
 
 
+class _Attention(nn.Module):
+    """Multi-head self-attention with its projections as plain ``nn.Linear`` layers."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape[0], x.shape[1], x.shape[2]
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class _PreNormBlock(nn.Module):
+    """``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``. With ``cls_only`` the
+    block keeps only the class token after attention: the MLP and everything
+    after it are per-token, so a ViT that reads only the class token gives the
+    same logits while its last MLP runs on one token instead of all."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, cls_only: bool = False):
+        super().__init__()
+        self.cls_only = cls_only
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = _Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        if self.cls_only:
+            x = x[:, 0]
+        return x + self.mlp(self.norm2(x))
+
+
+MAX_VIT_DEPTH = 64
+
+
+class ViT(nn.Module):
+    """A small pre-norm Vision Transformer (Dosovitskiy et al. 2021): patch
+    embedding, a class token, learned position embeddings, ``depth`` pre-norm
+    blocks (LayerNorm before attention and before the MLP), a final LayerNorm
+    and a linear head on the class token. The last block runs its MLP on the
+    class token only (exact: see :class:`_PreNormBlock`)."""
+
+    def __init__(
+        self,
+        image_size: int = 28,
+        patch_size: int = 7,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        dim: int = 64,
+        depth: int = 4,
+        num_heads: int = 4,
+        mlp_dim: int = 128,
+    ):
+        super().__init__()
+        if not 1 <= depth <= MAX_VIT_DEPTH:
+            raise ValueError(f"a vit has 1..{MAX_VIT_DEPTH} blocks, got depth={depth}")
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not a multiple of num_heads {num_heads}")
+        tokens = (image_size // patch_size) ** 2 + 1
+        self.patch = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.blocks = nn.Sequential(
+            *[_PreNormBlock(dim, num_heads, mlp_dim, cls_only=i == depth - 1) for i in range(depth)]
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        return self.head(self.norm(self.blocks(x)))
+
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "lenet5": LeNet5,
     "resnet20": ResNet20,
+    "vit": ViT,
 }
 
 

@@ -25,7 +25,8 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,7 +278,8 @@ class Bundle:
         is replaced as a whole, only after the new one is complete.
         """
         path = Path(path)
-        check_save_target(path, overwrite)
+        with bundle_lock(path, shared=True):  # not while another save swaps the folders
+            check_save_target(path, overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         try:
@@ -299,7 +301,8 @@ class Bundle:
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
             for name in [*files, MANIFEST]:
                 _fsync(tmp / name)
-            _install(tmp, path, overwrite)
+            with bundle_lock(path, shared=False):  # one install at a time; none while a load reads
+                _install(tmp, path, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -437,6 +440,11 @@ class Bundle:
                 (default 1e6); the manifest's recorded value can only lower it.
         """
         path = Path(path)
+        with bundle_lock(path, shared=True):  # a save replacing this bundle waits for the load
+            return cls._load(path, architecture, trust_code, max_condition)
+
+    @classmethod
+    def _load(cls, path: Path, architecture, trust_code: bool, max_condition) -> Bundle:
         manifest = cls.read_manifest(path)
         arch, code = cls.check_manifest(manifest, path / MANIFEST, max_condition)
         check_trusted(arch, trust_code, source=f"bundle {path}")
@@ -547,6 +555,34 @@ def check_save_target(path: Path, overwrite: bool) -> None:
             + (f" (it holds {foreign[:5]})" if foreign else "")
             + "; refusing to replace it"
         )
+
+
+@contextmanager
+def bundle_lock(path: Path, shared: bool) -> Iterator[None]:
+    """Hold an ``flock`` on the folder holding bundle ``path``: exclusive while a
+    save installs a bundle there (two renames), shared while a load reads one.
+    Two processes saving to one path then replace it one after the other, and a
+    load never sees the files of two bundles. No file is created. Where the lock
+    cannot be taken (no such folder, a platform without ``fcntl``) the bundle is
+    read or written without it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    try:
+        fd = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        except OSError:
+            pass  # a file system without flock: go on unlocked
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _install(tmp: Path, path: Path, overwrite: bool) -> None:

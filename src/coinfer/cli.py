@@ -103,7 +103,7 @@ def encode(
     out: Annotated[Path, typer.Option(help="Bundle directory to write.")],
     arch_kwargs: Annotated[str, typer.Option(help="Architecture kwargs as JSON.")] = "{}",
     r: Annotated[int, typer.Option("--r", help="Number of coded (parity) models.")] = 1,
-    method: Annotated[str, typer.Option(help="Encoder: coin, heads, average, distill.")] = "coin",
+    method: Annotated[str, typer.Option(help="Encoder: heads (default), coin, average, distill.")] = "heads",
     estimator: Annotated[
         str, typer.Option(help="Fisher estimator for coin and heads: exact, sampled, empirical.")
     ] = "exact",
@@ -130,11 +130,12 @@ def encode(
     """Encode k model checkpoints into a bundle with r coded models.
 
     --arch is code you name yourself: a package.module:factory is imported and called."""
-    from coinfer.bundle import Bundle, check_save_target, load_model
+    from coinfer.bundle import Bundle, bundle_lock, check_save_target, load_model
     from coinfer.code import DEFAULT_MAX_CONDITION, Code
     from coinfer.encoders import encode as _encode
 
-    check_save_target(out, overwrite)  # before any work
+    with bundle_lock(out, shared=True):
+        check_save_target(out, overwrite)  # before any work
 
     try:
         kwargs = json.loads(arch_kwargs)
@@ -176,11 +177,14 @@ def encode(
         console.print(
             "Fisher totals per model: " + ", ".join(f"{t:.4g}" for t in coded.info["fisher_totals"])
         )
-    if "parity_cost" in coded.info:
-        console.print(
-            f"heads: split {coded.info['split']}, ridge alpha {coded.info['alpha']}, "
-            f"parity cost {coded.info['parity_cost']:.3f}x one data model's FLOPs"
-        )
+    info = coded.info
+    if method == "heads":
+        console.print(f"heads: split {info['split']}, ridge alpha {info['alpha']}")
+    figures = [f"parity cost {info['parity_cost']:.3f}x one data model's FLOPs"]
+    if info.get("heldout_recon") is not None:
+        figures.append(f"held-out reconstruction {info['heldout_recon']:.3f}")
+    figures.append(f"reconstruction on the calibration inputs {info['calibration_recon']:.3f}")
+    console.print("; ".join(figures))
 
 
 def _num(value: float, spec: str = ".4g") -> str:

@@ -40,7 +40,10 @@ bundle records to rebuild it (:func:`build_parity`).
 from __future__ import annotations
 
 import copy
+import itertools
 import math
+import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +51,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from coinfer.encoders import (
     CoinOptions,
@@ -56,11 +60,23 @@ from coinfer.encoders import (
     _finish_buffers,
     _is_int,
     _is_real,
+    _show,
     coin_merge,
     register,
     weighted_average,
 )
 from coinfer.errors import CalibrationError, SplitError
+from coinfer.merge import DEFAULT_REGMEAN_ALPHA, regmean_merge
+from coinfer.predict import predict_probs
+from coinfer.refit import (
+    MAX_DESIGN,
+    HeadRefit,
+    RefitStats,
+    design,
+    plan_refit,
+    targets,
+    weight_matrix,
+)
 from coinfer.split import INPUT, count_flops, split_candidates, split_model
 
 __all__ = [
@@ -69,7 +85,6 @@ __all__ = [
     "LowRankAdapter",
     "build_parity",
     "lowrank_layer",
-    "refit_layer",
     "DEFAULT_ALPHAS",
     "DEFAULT_RANKS",
 ]
@@ -79,7 +94,9 @@ __all__ = [
 DEFAULT_ALPHAS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, math.inf)
 #: Ranks of the per-model correction tried by ``rank="auto"`` (low-rank form).
 DEFAULT_RANKS: tuple[int, ...] = (4, 8, 16, 32, 64)
-TRUNKS = ("coin", "average")
+TRUNKS = ("average", "regmean", "auto", "coin")
+#: the trunks trunk="auto" compares on held-out reconstruction (COIN's Fisher passes cost more)
+AUTO_TRUNKS = ("average", "regmean")
 
 
 class HeadsParity(nn.Module):
@@ -134,14 +151,16 @@ class HeadsParity(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mix(self.trunk(x))
 
+    def head_logits(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """Each head's logits from the trunk's features ``h``."""
+        if self.adapters is None:
+            return [head(h) for head in self.heads]
+        z = self.shared(h)
+        return [head(z + ad(h)) for head, ad in zip(self.heads, self.adapters, strict=True)]
+
     def mix(self, h: torch.Tensor) -> torch.Tensor:
         """The parity's logits from the trunk's features ``h``."""
-        if self.adapters is None:
-            outs = [head(h) for head in self.heads]
-        else:
-            z = self.shared(h)
-            outs = [head(z + ad(h)) for head, ad in zip(self.heads, self.adapters, strict=True)]
-        logp = torch.stack([F.log_softmax(o, dim=-1) for o in outs])
+        logp = torch.stack([F.log_softmax(o, dim=-1) for o in self.head_logits(h)])
         return torch.logsumexp(logp + self.log_weights.to(logp.dtype)[:, None, None], dim=0)
 
     def structure(self) -> dict[str, Any]:
@@ -178,10 +197,6 @@ class LowRankAdapter(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(h))
-
-
-#: Widest design (input features + bias) a refit solves for: its Gram matrix is (D+1)² float64.
-MAX_DESIGN = 8192
 
 
 def lowrank_layer(model: nn.Module, split: str, features: torch.Tensor | None = None) -> nn.Linear | None:
@@ -271,9 +286,14 @@ class HeadsOptions:
     """Options of the ``heads`` encoder."""
 
     split: str = "auto"  #: module name where the heads start, "input", or "auto"
-    trunk: str = "average"  #: average | coin: how the trunk is merged (w-average, or COIN's Fisher-weighted)
+    #: how the trunk is merged: average (w-average) | regmean (closed form from each model's
+    #: layer-input Gram matrices) | auto (both, chosen on held-out data) | coin (Fisher-weighted)
+    trunk: str = "average"
+    regmean_alpha: float = DEFAULT_REGMEAN_ALPHA  #: RegMean's scale of the Gram off-diagonals, in [0, 1]
     refit: bool = True  #: ridge-refit each head's first layer(s) onto the merged features
-    refit_depth: int | None = 1  #: how many of the head's Linear/Conv2d layers to refit, in order (None: all)
+    #: how many of the head's Linear/Conv2d layers to refit, in call order: "auto" (every depth
+    #: tried, chosen on held-out data), an integer, or None (all)
+    refit_depth: int | str | None = "auto"
     rank: int | str | None = (
         "auto"  #: low-rank form: "auto" (split="auto" also tries DEFAULT_RANKS), an int, or None
     )
@@ -286,6 +306,10 @@ class HeadsOptions:
     normalize: bool = False  #: trunk="coin": rescale each model's Fisher to the same total
     batch_size: int | None = None  #: Fisher chunk size (None: the backend's default)
     backend: str = "auto"  #: Fisher backend: auto | layers | vmap | loop
+    #: epochs of distillation after the closed form: every head toward its own model's
+    #: answers on the calibration inputs, trunk and heads trained together (0: off)
+    polish_epochs: int = 0
+    polish_lr: float = 1e-4  #: Adam learning rate of the polish
     seed: int = 0
     progress: bool | None = None
 
@@ -299,10 +323,16 @@ class HeadsOptions:
             "a module name, 'input' or 'auto'",
         )
         _expect(method, "trunk", self.trunk, self.trunk in TRUNKS, f"one of {TRUNKS}")
+        a = self.regmean_alpha
+        _expect(method, "regmean_alpha", a, _is_real(a) and 0 <= a <= 1, "a number in [0, 1]")
         _expect(method, "refit", self.refit, isinstance(self.refit, bool), "True or False")
         d = self.refit_depth
         _expect(
-            method, "refit_depth", d, d is None or (_is_int(d) and d >= 1), "an integer >= 1 or None (all)"
+            method,
+            "refit_depth",
+            d,
+            d is None or d == "auto" or (_is_int(d) and d >= 1),
+            "'auto', an integer >= 1 or None (all)",
         )
         r = self.rank
         _expect(
@@ -332,6 +362,10 @@ class HeadsOptions:
         )
         h = self.holdout
         _expect(method, "holdout", h, _is_real(h) and 0 < h < 1, "a fraction in (0, 1)")
+        e = self.polish_epochs
+        _expect(method, "polish_epochs", e, _is_int(e) and e >= 0, "an integer >= 0")
+        lr = self.polish_lr
+        _expect(method, "polish_lr", lr, _is_real(lr) and lr > 0, "a positive number")
         # the COIN options of the trunk; buffers are always recomputed for the merged trunk
         CoinOptions(
             estimator=self.estimator,
@@ -345,186 +379,7 @@ class HeadsOptions:
         ).validate(method)
 
 
-# --------------------------------------------------------------------------- refit
-def _call_order(head: nn.Module, h: torch.Tensor) -> list[tuple[str, nn.Module]]:
-    """The head's modules holding parameters, in the order it first calls them on ``h``."""
-    order: list[tuple[str, nn.Module]] = []
-    seen: set[int] = set()
-
-    def note(name):
-        def hook(mod, args):
-            if id(mod) not in seen:
-                seen.add(id(mod))
-                order.append((name, mod))
-
-        return hook
-
-    hooks = [
-        m.register_forward_pre_hook(note(n))
-        for n, m in head.named_modules()
-        if n and any(True for _ in m.parameters(recurse=False))
-    ]
-    try:
-        with torch.no_grad():
-            head(h[:1])
-    finally:
-        for hk in hooks:
-            hk.remove()
-    if not order:
-        raise SplitError("the head has no layer with parameters to refit")
-    return order
-
-
-def _refit_names(head: nn.Module, h: torch.Tensor, depth: int | None) -> list[str]:
-    """The layers to refit: the first one (which must be refittable), then the
-    next refittable ones in call order up to ``depth`` in all (None: all)."""
-    order = _call_order(head, h)
-    _check_refittable(*order[0])
-    names = [n for n, m in order if isinstance(m, nn.Linear | nn.Conv2d) and _refittable(m)]
-    return names if depth is None else names[:depth]
-
-
-def _layer_io(layer: nn.Module, head: nn.Module, h: torch.Tensor, batch: int = 256):
-    """Inputs and outputs of ``layer`` when ``head`` runs on ``h`` (eval mode)."""
-    ins, outs = [], []
-
-    def hook(mod, args, out):  # clone: an in-place activation next would overwrite them
-        ins.append(args[0].detach().clone())
-        outs.append(out.detach().clone())
-
-    hk = layer.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            for s in range(0, len(h), batch):
-                head(h[s : s + batch])
-    finally:
-        hk.remove()
-    return torch.cat(ins), torch.cat(outs)
-
-
-def _design(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
-    """Rows of the regression: features (Linear) or unfolded patches (Conv2d),
-    plus a ones column where the layer has a bias."""
-    if isinstance(layer, nn.Linear):
-        x = a.reshape(-1, a.shape[-1])
-    else:
-        cols = F.unfold(a, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # (N, D, L)
-        x = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    x = x.double()
-    if layer.bias is None:
-        return x
-    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
-
-
-def _targets(layer: nn.Module, out: torch.Tensor) -> torch.Tensor:
-    if isinstance(layer, nn.Linear):
-        return out.reshape(-1, out.shape[-1]).double()
-    return out.flatten(2).transpose(1, 2).reshape(-1, out.shape[1]).double()
-
-
-def _weight_matrix(layer: nn.Module) -> torch.Tensor:
-    """The weight as a matrix over the design columns: (out, D), or (out, D + 1) with the bias last."""
-    w = layer.weight.detach().reshape(layer.weight.shape[0], -1).double()
-    if layer.bias is None:
-        return w
-    return torch.cat([w, layer.bias.detach().double()[:, None]], 1)
-
-
-def _refittable(layer: nn.Module) -> bool:
-    try:
-        _check_refittable("", layer)
-    except SplitError:
-        return False
-    return True
-
-
-def _check_refittable(name: str, layer: nn.Module) -> None:
-    if isinstance(layer, nn.Linear):
-        return
-    if isinstance(layer, nn.Conv2d):
-        if layer.groups != 1:
-            raise SplitError(f"cannot refit head layer {name!r}: grouped convolution (groups={layer.groups})")
-        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-            raise SplitError(
-                f"cannot refit head layer {name!r}: padding {layer.padding!r}/{layer.padding_mode!r}"
-            )
-        return
-    raise SplitError(
-        f"cannot refit head layer {name!r}: it is a {type(layer).__name__}; refit supports nn.Linear "
-        "and nn.Conv2d as a head's first layer (choose another split or refit=False)"
-    )
-
-
-@dataclass
-class _RefitStats:
-    """Sufficient statistics of one head's ridge problem."""
-
-    gram: torch.Tensor  # (D+1, D+1) XᵀX over merged features
-    cross: torch.Tensor  # (D+1, out) XᵀT
-    w0: torch.Tensor  # (out, D+1) original weights
-    scale: float  # mean diagonal of the gram
-
-
-def _stats(layer: nn.Module, a_in: torch.Tensor, t_out: torch.Tensor) -> _RefitStats:
-    width = layer.weight[0].numel() + (layer.bias is not None)
-    if width > MAX_DESIGN:
-        raise SplitError(
-            f"cannot refit a layer reading {width} values per output (limit {MAX_DESIGN}): its ridge "
-            "problem would not fit in memory; choose a later split or refit=False"
-        )
-    x = _design(layer, a_in)
-    gram = x.T @ x
-    return _RefitStats(
-        gram, x.T @ _targets(layer, t_out), _weight_matrix(layer), float(gram.diagonal().mean())
-    )
-
-
-def _own_outputs(head: nn.Module, h_own: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Each named layer's output when the model's own head runs on its own features."""
-    mods = dict(head.named_modules())
-    return {n: _layer_io(mods[n], head, h_own)[1] for n in names}
-
-
-def _fit_head(
-    head: nn.Module,
-    h_merged: torch.Tensor,
-    targets: Mapping[str, torch.Tensor],
-    names: Sequence[str],
-    alpha: float,
-    first: _RefitStats | None = None,
-) -> nn.Module:
-    """A copy of ``head`` whose layers ``names`` are refit in call order: each
-    layer's input is what the (already refit) copy feeds it on the merged
-    features, its target the original layer's output on the model's own."""
-    head = copy.deepcopy(head)
-    if not math.isfinite(alpha):
-        return head
-    mods = dict(head.named_modules())
-    for li, name in enumerate(names):
-        layer = mods[name]
-        if li == 0 and first is not None:
-            st = first
-        else:
-            a_in, _ = _layer_io(layer, head, h_merged)
-            st = _stats(layer, a_in, targets[name])
-        refit_layer(layer, st, alpha)
-    return head
-
-
-def refit_layer(layer: nn.Module, stats: _RefitStats, alpha: float) -> None:
-    """Set ``layer``'s weight (and bias) to the ridge solution at strength ``alpha``."""
-    lam = alpha * max(stats.scale, 1e-12)
-    d = stats.gram.shape[0]
-    a = stats.gram + lam * torch.eye(d, dtype=stats.gram.dtype, device=stats.gram.device)
-    rhs = stats.cross + lam * stats.w0.T
-    w = torch.linalg.solve(a, rhs).T  # (out, D) or (out, D + 1)
-    d_w = layer.weight[0].numel()
-    with torch.no_grad():
-        layer.weight.copy_(w[:, :d_w].reshape(layer.weight.shape).to(layer.weight.dtype))
-        if layer.bias is not None:
-            layer.bias.copy_(w[:, d_w].to(layer.bias.dtype))
-
-
+# --------------------------------------------------------------------------- search
 def _score(pc: torch.Tensor, probs: torch.Tensor, row: Sequence[float]) -> tuple[float, float]:
     """(reconstruction agreement, −mean L1 error) of single erasures decoded
     from this parity's output ``pc`` (V, C) and the data outputs ``probs`` (k, V, C)."""
@@ -545,13 +400,15 @@ def encode_heads(
     models: Sequence[nn.Module],
     rows: Sequence[Sequence[float]],
     x: torch.Tensor,
-    merged: Sequence[nn.Module],
+    merged: Sequence[nn.Module] | Mapping[str, Sequence[nn.Module]],
     opts: HeadsOptions,
 ) -> tuple[list[HeadsParity], dict[str, Any]]:
     """Build one :class:`HeadsParity` per row of ``rows`` on the merged models
-    ``merged`` (one per row, BatchNorm already recomputed); the split, rank and
-    α are chosen on a held-out slice of ``x``, then the heads are refit on all
-    of ``x``. Returns the parities and their info."""
+    ``merged`` (one per row, BatchNorm already recomputed; or ``{trunk name:
+    one per row}`` to choose among trunks); the trunk, split, rank, refit depth
+    and α are chosen on a held-out slice of ``x``, then the heads are refit on
+    all of ``x``. Returns the parities and their info."""
+    trunks = dict(merged) if isinstance(merged, Mapping) else {opts.trunk: list(merged)}
     k = len(models)
     n_val = max(1, int(round(opts.holdout * len(x))))
     if len(x) - n_val < 1:
@@ -575,14 +432,17 @@ def encode_heads(
     samples = 0  # samples through a trunk or a head, for the info
     tried: list[dict[str, Any]] = []
     parities: list[HeadsParity] = []
-    for ri, (row, mgd) in enumerate(zip(rows, merged, strict=True)):
+    heldout: list[float] = []  # the chosen parity's held-out reconstruction, per row
+    polish_seconds = 0.0
+    by_split: dict[str, list[tuple[int | None, float]]] = {}
+    for split, rank, cost in shapes:
+        by_split.setdefault(split, []).append((rank, cost))
+    for ri, row in enumerate(rows):
         members = [i for i in range(k) if row[i] > 0]
         weights = [row[i] for i in members]
         best = None
-        by_split: dict[str, list[tuple[int | None, float]]] = {}
-        for split, rank, cost in shapes:
-            by_split.setdefault(split, []).append((rank, cost))
-        for split, variants in by_split.items():
+        for (tname, per_row), (split, variants) in itertools.product(trunks.items(), by_split.items()):
+            mgd = per_row[ri]
             refit = opts.refit and split != INPUT  # at the input the features are the model's own
             h_val = None
             for kind in ("full", "lowrank"):
@@ -590,49 +450,59 @@ def encode_heads(
                 if not ranks:
                     continue
                 if kind == "full":
-                    fitted = _Fitted(models, members, mgd, split, x_fit, refit, opts.refit_depth)
+                    fitted = _Fitted(models, members, mgd, split, x_fit, refit)
                 else:
                     fitted = _LowRankFitted(models, members, mgd, split, x_fit)
                 samples += len(x_fit) * (1 + 2 * len(members)) + len(x_val)
                 for alpha in alphas if refit else [math.inf]:
-                    for rank, cost in ranks:
-                        par = fitted.parity(alpha, rank, weights, members, split)
+                    for par, rank, depth, cost in fitted.variants(
+                        alpha, ranks, opts.refit_depth, weights, members
+                    ):
                         with torch.no_grad():
-                            if h_val is None:  # the trunk is the same for every α and rank
+                            if h_val is None:  # the trunk is the same for every α, depth and rank
                                 h_val = par.trunk(x_val)
                             pc = torch.softmax(par.mix(h_val), -1).double()
                         agree, neg_err = _score(pc, probs_val, row)
+                        finite = math.isfinite(alpha)
                         tried.append(
                             {
                                 "row": ri,
+                                "trunk": tname,
                                 "split": split,
                                 "rank": rank,
-                                "alpha": None if not math.isfinite(alpha) else alpha,
+                                "alpha": alpha if finite else None,
+                                "refit_depth": depth if finite else 0,
                                 "parity_cost": cost,
                                 "heldout_recon": agree,
                             }
                         )
-                        key = (agree, neg_err, -cost)
+                        key = (agree, neg_err, -cost, -(depth if finite else 0))
                         if best is None or key > best[0]:
-                            best = (key, split, rank, alpha, refit)
+                            best = (key, tname, split, rank, alpha, refit, depth)
         assert best is not None
-        _, split, rank, alpha, refit = best
+        key, tname, split, rank, alpha, refit, depth = best
+        mgd = trunks[tname][ri]
+        heldout.append(key[0])
         if rank is None:
-            final = _Fitted(models, members, mgd, split, x, refit, opts.refit_depth)
-            refit_layers = final.names if refit and math.isfinite(alpha) else []
+            final = _Fitted(models, members, mgd, split, x, refit)
         else:
             final = _LowRankFitted(models, members, mgd, split, x)
-            refit_layers = [split]
         samples += len(x) * (1 + 2 * len(members))
-        par = final.parity(alpha, rank, weights, members, split).eval()
+        par, _, _, _ = next(final.variants(alpha, [(rank, 0.0)], depth, weights, members))
+        par.eval()
+        if opts.polish_epochs:
+            t0 = time.perf_counter()
+            samples += polish(par, [models[i] for i in members], x, opts, seed=opts.seed + ri)
+            polish_seconds += time.perf_counter() - t0
         par.meta = {
-            "trunk": opts.trunk,
+            "trunk": tname,
             "parity_cost": count_flops(par, x[:1]) / model_flops,
-            "refit_layers": refit_layers,
+            "refit_layers": final.refit_names(depth) if refit and math.isfinite(alpha) else [],
             "alpha": None if not math.isfinite(alpha) else alpha,
         }
         parities.append(par)
     info = {
+        "trunk": [p.meta["trunk"] for p in parities],
         "split": [p.split for p in parities],
         "rank": [p.rank for p in parities],
         "alpha": [p.meta["alpha"] for p in parities],
@@ -642,10 +512,47 @@ def encode_heads(
         "split_candidates": list(dict.fromkeys(s for s, _, _ in shapes)),
         "shapes_tried": [{"split": s, "rank": r, "parity_cost": c} for s, r, c in shapes],
         "tried": tried,
+        "heldout_recon": sum(heldout) / len(heldout),
+        "polish_seconds": polish_seconds,
         "heads_forward_samples": samples,
         "heldout_samples": n_val,
     }
     return parities, info
+
+
+def polish(
+    par: HeadsParity, teachers: Sequence[nn.Module], x: torch.Tensor, opts: HeadsOptions, seed: int = 0
+) -> int:
+    """Distil ``par`` in place for ``opts.polish_epochs`` epochs on ``x``: head i
+    toward teacher i's answers (cross-entropy to its softmax), trunk and heads
+    trained together, in eval mode (BatchNorm statistics and dropout untouched).
+    Returns the samples passed forward and backward."""
+    with torch.no_grad():
+        target = [predict_probs(t, x) for t in teachers]
+    params = [p for p in par.parameters() if p.requires_grad]
+    optim = torch.optim.Adam(params, lr=opts.polish_lr)
+    g = torch.Generator().manual_seed(seed)
+    batch = 64
+    steps = opts.polish_epochs * math.ceil(len(x) / batch)
+    bar = tqdm(total=steps, desc="polish heads parity", disable=not _show(opts.progress), leave=False)
+    par.eval()
+    for _ in range(opts.polish_epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for s in range(0, len(x), batch):
+            idx = perm[s : s + batch]
+            outs = par.head_logits(par.trunk(x[idx]))
+            loss = sum(
+                -(t[idx] * F.log_softmax(o, -1)).sum(-1).mean() for t, o in zip(target, outs, strict=True)
+            )
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+            bar.update(1)
+    bar.close()
+    for p in params:
+        p.requires_grad_(True)
+    par.eval()
+    return 2 * opts.polish_epochs * len(x)
 
 
 def _eval_copy(model: nn.Module) -> nn.Module:
@@ -658,41 +565,51 @@ def _as_list(v) -> list[float]:
 
 class _Fitted:
     """One split's pieces for one parity row: the merged trunk, each member's
-    original head, the refit targets, and the first layer's ridge statistics
-    (shared by every α)."""
+    original head and its :class:`~coinfer.refit.HeadRefit` (targets from the
+    member's own features, computed once)."""
 
-    def __init__(self, models, members, merged, split, x, refit: bool, depth: int | None):
+    def __init__(self, models, members, merged, split, x, refit: bool):
+        self.split = split
         self.trunk = split_model(merged, split)[0].eval()
         with torch.no_grad():
-            self.h_merged = self.trunk(x)
-        self.orig, self.targets, self.first = [], [], []
-        self.names: list[str] = []
+            h_merged = self.trunk(x)
+        self.orig: list[nn.Module] = []
+        self.refits: list[HeadRefit] = []
+        self.plan: list = []
         for n, i in enumerate(members):
             t_i, h_i = split_model(models[i], split)
-            h_i.eval()
-            self.orig.append(h_i)
+            self.orig.append(h_i.eval())
             if not refit:
                 continue
+            if n == 0:
+                self.plan = plan_refit(h_i)
             with torch.no_grad():
                 h_own = t_i.eval()(x)
-            if n == 0:
-                self.names = _refit_names(h_i, self.h_merged, depth)
-            self.targets.append(_own_outputs(h_i, h_own, self.names))
-            layer = dict(h_i.named_modules())[self.names[0]]
-            a_in, _ = _layer_io(layer, h_i, self.h_merged)
-            self.first.append(_stats(layer, a_in, self.targets[-1][self.names[0]]))
+            self.refits.append(HeadRefit(h_i, h_own, h_merged, self.plan))
         self.refit = refit
 
-    def heads(self, alpha: float) -> list[nn.Module]:
-        if not self.refit or not math.isfinite(alpha):
-            return [copy.deepcopy(h) for h in self.orig]
-        return [
-            _fit_head(h, self.h_merged, t, self.names, alpha, first=f)
-            for h, t, f in zip(self.orig, self.targets, self.first, strict=True)
-        ]
+    def depths(self, depth: int | str | None) -> list[int]:
+        """The refit depths to try: ``"auto"`` every depth, None all layers, else ``[depth]``."""
+        full = max(1, len(self.plan))
+        if depth == "auto":
+            return list(range(1, full + 1))
+        return [full if depth is None else min(int(depth), full)]
 
-    def parity(self, alpha, rank, weights, members, split) -> HeadsParity:
-        return HeadsParity(self.trunk, self.heads(alpha), weights, members, split).eval()
+    def refit_names(self, depth: int | str | None) -> list[str]:
+        return [p.name for p in self.plan[: self.depths(depth)[-1]]]
+
+    def variants(self, alpha, ranks, depth, weights, members):
+        """(parity, rank None, depth, cost) for each depth tried at ``alpha``."""
+        ((_, cost),) = ranks
+        if not self.refit or not math.isfinite(alpha):
+            heads = [copy.deepcopy(h) for h in self.orig]
+            yield HeadsParity(self.trunk, heads, weights, members, self.split).eval(), None, 0, cost
+            return
+        depths = self.depths(depth)
+        fits = [r.fit(alpha, depths) for r in self.refits]
+        for d in depths:
+            heads = [f[d] for f in fits]
+            yield HeadsParity(self.trunk, heads, weights, members, self.split).eval(), None, d, cost
 
 
 class _LowRankFitted:
@@ -703,13 +620,14 @@ class _LowRankFitted:
     features (reduced-rank regression: the top right singular vectors of ``X B``)."""
 
     def __init__(self, models, members, merged, split, x):
+        self.split = split
         self.trunk = split_model(merged, split)[0].eval()
         self.shared = copy.deepcopy(merged.get_submodule(split)).eval()
         with torch.no_grad():
             h_merged = self.trunk(x)
-        x_design = _design(self.shared, h_merged)
+        x_design = design(self.shared, h_merged)
         self.gram = x_design.T @ x_design
-        s_mat = _weight_matrix(self.shared)
+        s_mat = weight_matrix(self.shared)
         self.rests, self.problems = [], []
         for i in members:
             t_i, h_i = split_model(models[i], split)
@@ -717,16 +635,16 @@ class _LowRankFitted:
             layer_i = models[i].get_submodule(split)
             with torch.no_grad():
                 t_own = layer_i(t_i.eval()(x))
-            cross = x_design.T @ _targets(self.shared, t_own) - self.gram @ s_mat.T
+            cross = x_design.T @ targets(self.shared, t_own) - self.gram @ s_mat.T
             self.problems.append(
-                _RefitStats(
-                    self.gram, cross, _weight_matrix(layer_i) - s_mat, float(self.gram.diagonal().mean())
+                RefitStats(
+                    self.gram, cross, weight_matrix(layer_i) - s_mat, float(self.gram.diagonal().mean())
                 )
             )
         self.bias = self.shared.bias is not None
         self._cache: dict[float, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
-    def _solutions(self, alpha: float) -> list[tuple[torch.Tensor, torch.Tensor, _RefitStats]]:
+    def _solutions(self, alpha: float) -> list[tuple[torch.Tensor, torch.Tensor, RefitStats]]:
         """Per member: the full correction B ((D[+1]) x out), the eigenvectors of
         Bᵀ(XᵀX + λI)B (descending: the exact reduced-rank ridge directions) and
         the member's statistics."""
@@ -745,6 +663,14 @@ class _LowRankFitted:
                 out.append((b, vecs.flip(1), st))
             self._cache[alpha] = out
         return self._cache[alpha]
+
+    def refit_names(self, depth) -> list[str]:
+        return [self.split]
+
+    def variants(self, alpha, ranks, depth, weights, members):
+        """(parity, rank, depth 1, cost) for each (rank, cost) of ``ranks`` at ``alpha``."""
+        for rank, cost in ranks:
+            yield self.parity(alpha, rank, weights, members, self.split), rank, 1, cost
 
     def parity(self, alpha, rank, weights, members, split) -> HeadsParity:
         d_in, d_out = self.shared.in_features, self.shared.out_features
@@ -821,15 +747,40 @@ def _choose_shapes(
         out += [(s, r, c) for r, c in lowrank_costs(s, rank_grid, trunk, h, whole) if fits(c)]
         if not fits(whole):
             continue
-        if opts.refit and s != INPUT and not _refittable(_call_order(head.eval(), h)[0][1]):
-            continue  # a head starting with BatchNorm etc. cannot be refit
+        if opts.refit and s != INPUT and not _can_refit(head):
+            continue  # e.g. a head starting with a grouped convolution
         out.append((s, None, whole))
     if not out:
-        raise SplitError(
-            f"no split point of {type(model).__name__} fits max_parity_cost={opts.max_parity_cost} "
-            f"with k={k} heads; raise max_parity_cost"
+        # nothing fits the budget (a tiny model whose classifier is a large share of it):
+        # the cheapest refittable whole-heads split, said in a warning and in info
+        whole = []
+        for s in split_candidates(model):
+            if s == INPUT:
+                continue
+            _, head, _, cost = pieces(s)
+            if not opts.refit or _can_refit(head):
+                whole.append((cost, s))
+        if not whole:
+            raise SplitError(
+                f"no split point of {type(model).__name__} can hold refit heads; use refit=False or another method"
+            )
+        cost, s = min(whole)
+        warnings.warn(
+            f"no split point of {type(model).__name__} fits max_parity_cost={opts.max_parity_cost} with "
+            f"k={k} heads; using the cheapest, {s!r}, at parity cost {cost:.2f} (raise max_parity_cost "
+            "to choose among more, or use method='coin' for cost 1.0)",
+            stacklevel=2,
         )
+        out.append((s, None, cost))
     return out
+
+
+def _can_refit(head: nn.Module) -> bool:
+    try:
+        plan_refit(head)
+    except SplitError:
+        return False
+    return True
 
 
 def _check_split(model: nn.Module, split: str) -> None:
@@ -850,16 +801,22 @@ def _heads(models, code, x, y, opts: HeadsOptions):
         raise CalibrationError(f"the heads encoder needs at least 2 calibration inputs, got {n}")
     x = x[:n]
     y = None if y is None else y[:n]
-    if opts.trunk == "coin":
-        merged, info = coin_merge(models, code.weights, x, y, opts)
-    else:
-        merged = [weighted_average(models, row) for row in code.weights]
-        info = {"calibration_samples": n, "forward_passes": 0, "backward_passes": 0}
-    for m, row in zip(merged, code.weights, strict=True):
-        _finish_buffers(m, models, row, x, "recompute")
-    if _bn_modules(models[0]):
-        info["forward_passes"] += code.r * n  # the merged trunks' BatchNorm statistics
-    parities, hinfo = encode_heads(models, code.weights, x, merged, opts)
+    info = {"calibration_samples": n, "forward_passes": 0, "backward_passes": 0}
+    names = AUTO_TRUNKS if opts.trunk == "auto" else (opts.trunk,)
+    trunks: dict[str, list[nn.Module]] = {}
+    for name in names:
+        if name == "coin":
+            trunks[name], info = coin_merge(models, code.weights, x, y, opts)
+        elif name == "regmean":
+            trunks[name] = [regmean_merge(models, row, x, opts.regmean_alpha) for row in code.weights]
+            info["forward_passes"] += len(models) * n  # each model's own layer inputs
+        else:
+            trunks[name] = [weighted_average(models, row) for row in code.weights]
+        for m, row in zip(trunks[name], code.weights, strict=True):
+            _finish_buffers(m, models, row, x, "recompute")
+        if _bn_modules(models[0]):
+            info["forward_passes"] += code.r * n  # the merged trunks' BatchNorm statistics
+    parities, hinfo = encode_heads(models, code.weights, x, trunks, opts)
     info["forward_passes"] += hinfo.pop("heads_forward_samples")
     info.update(hinfo)
     return parities, info

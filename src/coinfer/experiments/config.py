@@ -47,7 +47,7 @@ class ExperimentConfig:
     alpha: float = 0.5  #: Dirichlet concentration
     k: int = 2
     r: int = 1
-    #: mlp | lenet5 | resnet20 | package.module:factory, or {name = ..., kwargs = {...}}; auto by dataset
+    #: mlp | lenet5 | resnet20 | vit | package.module:factory, or {name = ..., kwargs = {...}}; auto by dataset
     arch: str | dict = "auto"
     arch_kwargs: dict = field(default_factory=dict)
     val_size: float = 0.1  #: validation split: a fraction (< 1) or a count of training samples
@@ -105,6 +105,11 @@ class ExperimentConfig:
             kw.setdefault("num_classes", ds.num_classes)
         elif name == "resnet20":
             kw.setdefault("in_channels", shape[0])
+            kw.setdefault("num_classes", ds.num_classes)
+        elif name == "vit":
+            kw.setdefault("in_channels", shape[0])
+            kw.setdefault("image_size", shape[-1])
+            kw.setdefault("patch_size", 7 if shape[-1] % 7 == 0 else 4)
             kw.setdefault("num_classes", ds.num_classes)
         return {"name": name, "kwargs": kw}
 
