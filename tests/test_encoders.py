@@ -304,3 +304,23 @@ def test_every_registered_option_default_is_valid():
         opts = spec.options()
         if hasattr(opts, "validate"):
             opts.validate()
+
+
+def test_models_that_share_no_initialisation_are_warned_about():
+    import warnings
+
+    from coinfer import build_model
+
+    spec = {"name": "mlp", "kwargs": {"in_features": 6, "hidden": [16], "num_classes": 3}}
+    torch.manual_seed(0)
+    a, b = build_model(spec), build_model(spec)
+    x = torch.randn(40, 6)
+    with pytest.warns(UserWarning, match="do not look fine-tuned from one initialisation"):
+        encode([a, b], Code(2, 1), x, method="average")
+    c = copy.deepcopy(a)
+    with torch.no_grad():
+        for p in c.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encode([a, c], Code(2, 1), x, method="average")

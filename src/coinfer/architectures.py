@@ -268,7 +268,9 @@ def _resolve(name: str) -> Callable[..., nn.Module]:
         mod = importlib.import_module(mod_name)
     except ImportError as exc:
         raise ArchitectureError(
-            f"cannot import module {mod_name!r} of architecture {name!r}: {exc}"
+            f"cannot import module {mod_name!r} of architecture {name!r}: {exc}. The module must be "
+            "importable: install its package, or put the folder holding it on PYTHONPATH "
+            f"(PYTHONPATH=/path/to/folder coinfer ...), or run from that folder"
         ) from None
     factory = getattr(mod, attr, None)
     if factory is None or not callable(factory):

@@ -24,6 +24,7 @@ import math
 import numbers
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -606,6 +607,7 @@ def encode(
     if not isinstance(code, Code):
         raise TypeError(f"code must be a coinfer.Code, got {type(code).__name__}")
     check_models(models, code.k)
+    _warn_unrelated(models)
     x, y = _as_calibration(calibration)
     _check_calibration(models, x, input_shape)
     start = time.perf_counter()
@@ -625,6 +627,30 @@ def encode(
         **info,
     }
     return EncodeResult(coded, info)
+
+
+#: Relative parameter distance above which two models look independently initialised
+#: (two random initialisations are about sqrt(2) apart; fine-tuned copies of one model far less).
+UNRELATED_DISTANCE = 1.0
+
+
+def _warn_unrelated(models: Sequence[nn.Module]) -> None:
+    """Warn when the models do not look like copies of one initialisation: merging
+    their weights (every method but a distilled parity) then makes little sense."""
+    with torch.no_grad():
+        flat = [torch.cat([p.detach().flatten().double().cpu() for p in m.parameters()]) for m in models]
+    ref = flat[0]
+    norm = float(ref.norm())
+    if norm == 0:
+        return
+    far = [i for i, f in enumerate(flat[1:], 1) if float((f - ref).norm()) / norm > UNRELATED_DISTANCE]
+    if far:
+        warnings.warn(
+            f"models {far} are far from model 0 in weight space (relative distance > {UNRELATED_DISTANCE}): "
+            "they do not look fine-tuned from one initialisation, which merging a trunk assumes; "
+            "train the k models from a common initialisation",
+            stacklevel=3,
+        )
 
 
 #: Calibration inputs scored for ``calibration_recon`` (a bound on the cost of the check).

@@ -11,16 +11,17 @@ at the output nothing is kept per model (COIN), at the input the parity is the
 exact mixture (k times one model's compute). ``parity_cost`` is the parity's
 FLOPs over one data model's.
 
-Each head's first layer (``nn.Linear`` or ``nn.Conv2d``) sees merged features
-it was not trained on, so by default it is **refit in closed form**: ridge
-regression from the merged trunk's features to model i's own pre-activation on
-the calibration inputs, shrunk toward the original weights,
-
-    W_i' = argmin ||X_c W'ᵀ − T_i||² + λ ||W' − W_i||²,   λ = α · tr(X_cᵀX_c) / D,
-
-(convolutions on unfolded patches), with α chosen on a held-out slice of the
+Each head sees merged features it was not trained on, so by default its
+layers are **refit in closed form** (:mod:`coinfer.refit`): every
+``nn.Linear`` / ``nn.Conv2d`` in call order, by ridge regression toward model
+i's own pre-activation on the calibration inputs, shrunk toward the original
+weights; a head may start with a norm, and a layer that writes into a residual
+stream is refit so the stream matches model i's. ``refit_depth`` (default
+``"auto"``) and the ridge strength α are chosen on a held-out slice of the
 calibration inputs by how often the parity reconstructs an erased model's
-top-1. ``α → ∞`` is the copied head, so the grid contains the copy.
+top-1; ``α → ∞`` is the copied head, so the grid contains the copy. The trunk is
+the w-average, RegMean (:mod:`coinfer.merge`), both compared (``trunk="auto"``)
+or COIN; ``polish_epochs`` adds a short distillation after the closed form.
 
 **Low-rank form.** Where the split layer is an ``nn.Linear`` that alone reads
 the features (LeNet-5's ``fc1``), whole per-model copies of it are often the

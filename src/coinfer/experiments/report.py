@@ -149,20 +149,22 @@ def aggregate(results: Sequence[dict]) -> list[dict]:
     return out
 
 
-def _fmt(ms: tuple[float, float], digits: int = 3) -> str:
+def _fmt(ms: tuple[float, float], digits: int = 3, single: bool = False) -> str:
+    """``mean ± std``, or the mean alone when there is one seed (no spread to show)."""
     m, s = ms
     if m != m:
         return "–"
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    return f"{m:.{digits}f}" if single else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def markdown_table(group: dict) -> str:
     """A markdown table of one group: one row per method family, mean ± std over seeds."""
+    one = len(group["seeds"]) == 1
     head = (
         f"**{group['dataset']} / {group['arch']} / {group['scenario']} / k={group['k']} r={group['r']}**"
         f" — seeds {group['seeds']}; data models' own-task test accuracy "
-        f"{_fmt(group['model_task_acc'], 4)} (min {group['model_task_acc_min']:.4f}); "
-        f"base model test accuracy {_fmt(group['base_test_acc'], 4)}\n\n"
+        f"{_fmt(group['model_task_acc'], 4, one)} (min {group['model_task_acc_min']:.4f}); "
+        f"base model test accuracy {_fmt(group['base_test_acc'], 4, one)}\n\n"
     )
     cols = ["method", "chosen on validation", *[c for _, c in _SHOWN], "coded TV to mixture", "build s"]
     cols += ["parity cost"]
@@ -171,12 +173,12 @@ def markdown_table(group: dict) -> str:
     rows = sorted(group["methods"], key=lambda r: -r["reconstruction_acc"][0])
     for r in rows:
         cells = [r["family"], "; ".join(r["labels"])]
-        cells += [_fmt(r[m]) for m, _ in _SHOWN]
-        cells.append(_fmt(r["coded_tv"]))
-        cells.append(_fmt(r["seconds"], 2))
+        cells += [_fmt(r[m], single=one) for m, _ in _SHOWN]
+        cells.append(_fmt(r["coded_tv"], single=one))
+        cells.append(_fmt(r["seconds"], 2, one))
         cells.append(f"{r['parity_cost'][0]:.2f}")
         cells.append(f"{r['forward_passes'][0]:.3g} / {r['backward_passes'][0]:.3g}")
-        cells.append(_fmt(r["fisher_ratio"], 2) if "fisher_ratio" in r else "–")
+        cells.append(_fmt(r["fisher_ratio"], 2, one) if "fisher_ratio" in r else "–")
         lines.append("| " + " | ".join(cells) + " |")
     front = " → ".join(f"{lab} ({s:.2f} s, {a:.3f}, parity ×{c:.2f})" for lab, s, a, c in frontier(group))
     tail = (
