@@ -21,3 +21,8 @@ for f in $R/*/seed*/results.*; do
   d=experiments/results/$(basename $(dirname $(dirname $f)))/$(basename $(dirname $f)); mkdir -p $d; cp $f $d/
 done
 python experiments/summarize_heads.py > docs/results/heads_summary.md && echo docs/results/heads_summary.md
+# issue 15: the ViT and MNIST k = 4 runs with today's heads defaults, and their table in docs/results.md
+rep vit_fashion fashion_class-split_k2r1_vit fashion_class-split_k2r1_vit_coin fashion_class-split_k4r1_vit fashion_class-split_k4r1_vit_cost2
+rep mnist_k4_today mnist_class-split_k4r1_issue15 mnist_mlp_class-split_k4r1_issue15
+python experiments/summarize_modern.py > docs/results/modern_summary.md && echo docs/results/modern_summary.md
+python experiments/quote_table.py docs/results.md modern docs/results/modern_summary.md

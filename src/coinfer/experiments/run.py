@@ -335,7 +335,19 @@ def evaluate_variant(
                 ],
             }
         )
-        for key in ("fisher_totals", "fallback_entries", "split", "rank", "alpha", "parity_costs"):
+        for key in (
+            "fisher_totals",
+            "fallback_entries",
+            "split",
+            "rank",
+            "alpha",
+            "parity_costs",
+            "trunk",
+            "refit_layers",
+            "heldout_recon",
+            "calibration_recon",
+            "polish_seconds",
+        ):
             if key in info:
                 rec[key] = info[key]
     rec["val"] = summarize(rows_val)
