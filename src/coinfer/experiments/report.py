@@ -275,6 +275,7 @@ def plot_frontier(group: dict, path: str | Path) -> Path:
     floor = min(positive) / 3 if positive else 1e-2
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
     fams = sorted(set(fam_of.values()))
+    on_front = {lab for lab, _, _, _ in frontier(group)}
     norm = Normalize(vmin=0.0, vmax=max(1.0, *(c for _, _, c in means.values())))
     cmap = plt.get_cmap("viridis")
     for i, fam in enumerate(fams):
@@ -295,9 +296,10 @@ def plot_frontier(group: dict, path: str | Path) -> Path:
             linewidths=0.4,
         )
         for lab, x, y in zip(labs, xs, ys, strict=True):
-            extra = lab[len(fam) :].strip()
-            if extra:
-                ax.annotate(extra, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            # only the frontier's points are labelled: labels of every variant overlap
+            extra = lab[len(fam) :].replace("split=auto", "").strip()
+            if extra and lab in on_front:
+                ax.annotate(extra, (x, y), fontsize=6, xytext=(3, -9), textcoords="offset points")
     # the frontier: variants not beaten by a cheaper-or-equal, more accurate one
     front = [(max(s, floor), a) for _, s, a, _ in frontier(group)]
     ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="k", lw=1, alpha=0.6)
