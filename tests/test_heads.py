@@ -710,3 +710,41 @@ def test_vit_splits_before_its_norms_and_a_heads_bundle_round_trips(tmp_path):
     loaded = Bundle.load(path).coded_models[0]
     with torch.no_grad():
         torch.testing.assert_close(loaded(x[:5]), coded[0](x[:5]))
+
+
+# --------------------------------------------------------------------------- review findings (issue 15)
+def test_a_too_wide_later_layer_is_left_as_it_is_and_the_rest_refit():
+    head = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 9000), nn.ReLU(), nn.Linear(9000, 3))
+    assert [p.name for p in plan_refit(head)] == ["0", "2"]  # "4" reads 9001 values per output
+    wide_first = nn.Sequential(nn.Linear(9000, 3))
+    with pytest.raises(SplitError, match="more than 8192 values"):
+        plan_refit(wide_first)
+
+
+class _PosAdd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f0 = nn.Linear(4, 4)
+        self.f1 = nn.Linear(4, 4)
+        self.pos = nn.Parameter(torch.randn(4))
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.f1(self.f0(x)) + self.pos))
+
+
+def test_an_add_of_a_parameter_is_not_a_residual_and_any_calibration_size_works():
+    models = [_PosAdd().eval(), _PosAdd().eval()]
+    _, head = split_model(models[0], "f1")
+    (p,) = [p for p in plan_refit(head) if p.name == "f1"]
+    assert p.add is None  # x + pos: pos is the same in the model and its copy
+    coded = encode(models, Code(2, 1), torch.randn(1200, 4), split="f1", alphas=[1e-2])
+    assert coded.info["refit_layers"][0][0] == "f1"
+
+
+def test_polish_trains_under_a_callers_no_grad():
+    models = _models(MLP, 2)
+    with torch.no_grad():
+        coded = encode(models, Code(2, 1), torch.randn(100, 10), split="net.3", polish_epochs=1)
+    assert coded.info["polish_seconds"] > 0
+    assert all(p.grad is None for p in coded[0].parameters())

@@ -537,21 +537,21 @@ def polish(
     steps = opts.polish_epochs * math.ceil(len(x) / batch)
     bar = tqdm(total=steps, desc="polish heads parity", disable=not _show(opts.progress), leave=False)
     par.eval()
-    for _ in range(opts.polish_epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for s in range(0, len(x), batch):
-            idx = perm[s : s + batch]
-            outs = par.head_logits(par.trunk(x[idx]))
-            loss = sum(
-                -(t[idx] * F.log_softmax(o, -1)).sum(-1).mean() for t, o in zip(target, outs, strict=True)
-            )
-            optim.zero_grad()
-            loss.backward()
-            optim.step()
-            bar.update(1)
+    with torch.enable_grad():  # also under a caller's no_grad()
+        for _ in range(opts.polish_epochs):
+            perm = torch.randperm(len(x), generator=g)
+            for s in range(0, len(x), batch):
+                idx = perm[s : s + batch]
+                outs = par.head_logits(par.trunk(x[idx]))
+                loss = sum(
+                    -(t[idx] * F.log_softmax(o, -1)).sum(-1).mean() for t, o in zip(target, outs, strict=True)
+                )
+                optim.zero_grad()
+                loss.backward()
+                optim.step()
+                bar.update(1)
+    optim.zero_grad(set_to_none=True)
     bar.close()
-    for p in params:
-        p.requires_grad_(True)
     par.eval()
     return 2 * opts.polish_epochs * len(x)
 

@@ -114,7 +114,7 @@ def regmean_merge(
             den = term if den is None else den + term
         else:
             assert num is not None and den is not None
-            eye = torch.eye(den.shape[0], dtype=den.dtype)
+            eye = torch.eye(den.shape[0], dtype=den.dtype, device=den.device)
             ridge = 1e-8 * float(den.diagonal().mean()) * eye  # a dead input feature has a zero row
             sol = torch.linalg.solve(den + ridge, num).T
             layer = mods[name]

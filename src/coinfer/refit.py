@@ -186,6 +186,20 @@ def _is_add(n: fx.Node) -> bool:
     )
 
 
+def _reads_input(node: fx.Node) -> bool:
+    """Whether ``node``'s value depends on the graph's input (per sample), not only on
+    parameters or constants (those are the same in the model's head and the copy)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n.op == "placeholder":
+            return True
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return False
+
+
 def _writeback(
     gm: fx.GraphModule, node: fx.Node, mods: Mapping[str, nn.Module]
 ) -> tuple[str | None, str | None, list[str]]:
@@ -209,10 +223,14 @@ def _writeback(
         if _is_add(u) and len(u.args) >= 2 and not u.kwargs:
             a, b = u.args[0], u.args[1]
             other = b if a is cur else a if b is cur else None
-            if isinstance(other, fx.Node):
+            if isinstance(other, fx.Node) and _reads_input(other):
                 return u.name, other.name, bns
         break
     return None, None, []
+
+
+def _fits(layer: nn.Module) -> bool:
+    return layer.weight[0].numel() + (layer.bias is not None) <= MAX_DESIGN
 
 
 def plan_refit(head: nn.Module) -> list[RefitLayer]:
@@ -237,11 +255,16 @@ def plan_refit(head: nn.Module) -> list[RefitLayer]:
     if first_non_norm is None:
         raise SplitError("the head has only norms: nothing to refit")
     check_refittable(first_non_norm, mods[first_non_norm])
+    if not _fits(mods[first_non_norm]):
+        raise SplitError(
+            f"cannot refit head layer {first_non_norm!r}: it reads more than {MAX_DESIGN} values per output "
+            "(its ridge problem would not fit in memory); choose a later split or refit=False"
+        )
     plan = []
     for name, nodes in calls.items():
         layer = mods[name]
-        if len(nodes) != 1 or not refittable(layer):
-            continue
+        if len(nodes) != 1 or not refittable(layer) or not _fits(layer):
+            continue  # shared, not refittable or too wide: kept as it is; later layers still refit
         node = nodes[0]
         if not node.args or not isinstance(node.args[0], fx.Node):
             continue
@@ -281,13 +304,16 @@ def node_values(
 
 def _invert_bn(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor) -> torch.Tensor:
     """z with bn(z) = y (eval mode: a per-channel affine map on dim 1)."""
-    scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(
-        bn.running_var + bn.eps
-    )
-    shift = (bn.bias if bn.affine else torch.zeros_like(bn.running_mean)) - scale * bn.running_mean
-    shape = [1, -1] + [1] * (y.ndim - 2)
-    scale = torch.where(scale.abs() < 1e-12, torch.full_like(scale, 1e-12), scale)
-    return (y - shift.reshape(shape)) / scale.reshape(shape)
+    with torch.no_grad():
+        gamma = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_var)
+        beta = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_mean)
+        scale = gamma / torch.sqrt(bn.running_var + bn.eps)
+        shift = beta - scale * bn.running_mean
+        shape = [1, -1] + [1] * (y.ndim - 2)
+        tiny = scale.abs() < 1e-6  # a channel the norm zeroes (gamma = 0): any input will do
+        safe = torch.where(tiny, torch.ones_like(scale), scale)
+        z = (y - shift.reshape(shape)) / safe.reshape(shape)
+        return torch.where(tiny.reshape(shape), torch.zeros_like(z), z)
 
 
 class HeadRefit:
@@ -317,6 +343,7 @@ class HeadRefit:
             t = _invert_bn(mods[bn], t)
         return t
 
+    @torch.no_grad()
     def fit(self, alpha: float, depths: Sequence[int]) -> dict[int, nn.Module]:
         """Copies of the head with its first ``d`` planned layers refit at
         strength ``alpha``, for each ``d`` in ``depths`` (``alpha = inf``: copies)."""
