@@ -670,7 +670,7 @@ def test_regmean_solves_the_stacked_regression_of_each_models_own_layer_inputs()
     torch.manual_seed(3)
     models = [build_model(MLP).eval() for _ in range(2)]
     x = torch.randn(300, 10)
-    merged = regmean_merge(models, [0.25, 0.75], x, alpha=1.0)
+    (merged,) = regmean_merge(models, [[0.25, 0.75]], x, alpha=1.0)
     # the first layer sees the same inputs in both models: the weighted average
     want0 = 0.25 * models[0].net[1].weight + 0.75 * models[1].net[1].weight
     torch.testing.assert_close(merged.net[1].weight, want0, atol=1e-5, rtol=0)
@@ -691,7 +691,7 @@ def test_regmean_of_identical_models_is_the_model():
     from coinfer.merge import regmean_merge
 
     m = build_model({"name": "vit", "kwargs": {"depth": 2}}).eval()
-    merged = regmean_merge([m, __import__("copy").deepcopy(m)], [0.5, 0.5], torch.randn(40, 1, 28, 28))
+    (merged,) = regmean_merge([m, __import__("copy").deepcopy(m)], [[0.5, 0.5]], torch.randn(40, 1, 28, 28))
     for (key, a), b in zip(m.state_dict().items(), merged.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=key)
 

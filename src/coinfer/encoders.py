@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from coinfer.code import Code
 from coinfer.errors import CalibrationError, ModelMismatchError, OptionError
 from coinfer.fisher import BACKENDS, ESTIMATORS, diagonal_fisher, fisher_total
+from coinfer.merge import weighted_average
 from coinfer.predict import predict_probs
 from coinfer.split import count_flops
 
@@ -200,23 +201,6 @@ def _check_calibration(models: Sequence[nn.Module], x: torch.Tensor, input_shape
 
 
 # --------------------------------------------------------------------------- helpers
-def weighted_average(models: Sequence[nn.Module], w: Sequence[float]) -> nn.Module:
-    """A copy of ``models[0]`` whose floating tensors (parameters and buffers)
-    are ``Σ w_i θ_i``; integer buffers are copied from model 0."""
-    out = copy.deepcopy(models[0])
-    sds = [m.state_dict() for m in models]
-    new = {}
-    for n, t in sds[0].items():
-        if t.is_floating_point():
-            new[n] = sum(float(wi) * sd[n].to(torch.float64) for wi, sd in zip(w, sds, strict=True)).to(
-                t.dtype
-            )
-        else:
-            new[n] = t.clone()
-    out.load_state_dict(new)
-    return out
-
-
 def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [
         m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
@@ -638,12 +622,22 @@ def _warn_unrelated(models: Sequence[nn.Module]) -> None:
     """Warn when the models do not look like copies of one initialisation: merging
     their weights (every method but a distilled parity) then makes little sense."""
     with torch.no_grad():
-        flat = [torch.cat([p.detach().flatten().double().cpu() for p in m.parameters()]) for m in models]
-    ref = flat[0]
-    norm = float(ref.norm())
-    if norm == 0:
-        return
-    far = [i for i, f in enumerate(flat[1:], 1) if float((f - ref).norm()) / norm > UNRELATED_DISTANCE]
+        ref = list(models[0].parameters())
+        norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in ref))
+        if norm == 0:
+            return
+        far = [
+            i
+            for i, m in enumerate(models[1:], 1)
+            if math.sqrt(
+                sum(
+                    float((p.detach().double() - q.detach().double()).pow(2).sum())
+                    for p, q in zip(m.parameters(), ref, strict=True)
+                )
+            )
+            / norm
+            > UNRELATED_DISTANCE
+        ]
     if far:
         warnings.warn(
             f"models {far} are far from model 0 in weight space (relative distance > {UNRELATED_DISTANCE}): "

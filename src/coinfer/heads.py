@@ -64,10 +64,9 @@ from coinfer.encoders import (
     _show,
     coin_merge,
     register,
-    weighted_average,
 )
 from coinfer.errors import CalibrationError, SplitError
-from coinfer.merge import DEFAULT_REGMEAN_ALPHA, regmean_merge
+from coinfer.merge import DEFAULT_REGMEAN_ALPHA, regmean_merge, weighted_average
 from coinfer.predict import predict_probs
 from coinfer.refit import (
     MAX_DESIGN,
@@ -513,7 +512,7 @@ def encode_heads(
         "split_candidates": list(dict.fromkeys(s for s, _, _ in shapes)),
         "shapes_tried": [{"split": s, "rank": r, "parity_cost": c} for s, r, c in shapes],
         "tried": tried,
-        "heldout_recon": sum(heldout) / len(heldout),
+        "heldout_recon": sum(heldout) / len(heldout),  # of the closed form, before any polish
         "polish_seconds": polish_seconds,
         "heads_forward_samples": samples,
         "heldout_samples": n_val,
@@ -809,7 +808,7 @@ def _heads(models, code, x, y, opts: HeadsOptions):
         if name == "coin":
             trunks[name], info = coin_merge(models, code.weights, x, y, opts)
         elif name == "regmean":
-            trunks[name] = [regmean_merge(models, row, x, opts.regmean_alpha) for row in code.weights]
+            trunks[name] = regmean_merge(models, code.weights, x, opts.regmean_alpha)
             info["forward_passes"] += len(models) * n  # each model's own layer inputs
         else:
             trunks[name] = [weighted_average(models, row) for row in code.weights]

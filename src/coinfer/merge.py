@@ -1,4 +1,4 @@
-"""RegMean: merging linear layers in closed form from their input Gram matrices.
+"""Trunk merges: the weighted average, and RegMean, merging linear layers in closed form from their input Gram matrices.
 
 For a layer ``y = W x`` that model i computes on its own inputs ``X_i``,
 RegMean (Jin, Ren, Preotiuc-Pietro, Cheng, ICLR 2023, "Dataless Knowledge
@@ -26,7 +26,7 @@ from torch import nn
 
 from coinfer.refit import MAX_DESIGN, design, refittable, weight_matrix
 
-__all__ = ["regmean_merge", "DEFAULT_REGMEAN_ALPHA"]
+__all__ = ["weighted_average", "regmean_merge", "DEFAULT_REGMEAN_ALPHA"]
 
 #: Scale of the Gram matrices' off-diagonal entries (RegMean's ``alpha``).
 DEFAULT_REGMEAN_ALPHA = 0.9
@@ -72,55 +72,64 @@ def _grams(
     return grams
 
 
+def weighted_average(models: Sequence[nn.Module], w: Sequence[float]) -> nn.Module:
+    """A copy of ``models[0]`` whose floating tensors (parameters and buffers)
+    are ``Σ w_i θ_i``; integer buffers are copied from model 0."""
+    out = copy.deepcopy(models[0])
+    sds = [m.state_dict() for m in models]
+    new = {}
+    for n, t in sds[0].items():
+        if t.is_floating_point():
+            new[n] = sum(float(wi) * sd[n].to(torch.float64) for wi, sd in zip(w, sds, strict=True)).to(
+                t.dtype
+            )
+        else:
+            new[n] = t.clone()
+    out.load_state_dict(new)
+    return out
+
+
 def regmean_merge(
     models: Sequence[nn.Module],
-    weights: Sequence[float],
+    rows: Sequence[Sequence[float]],
     x: torch.Tensor,
     alpha: float = DEFAULT_REGMEAN_ALPHA,
-) -> nn.Module:
-    """One merged model: RegMean for every Linear/Conv2d layer, the ``weights``-average
-    for everything else. ``weights``: one non-negative weight per model (a parity
-    row; zero leaves the model out). ``x``: calibration inputs."""
+) -> list[nn.Module]:
+    """One merged model per row of ``rows``: RegMean for every Linear/Conv2d layer,
+    the row's weighted average for everything else. A row holds one non-negative
+    weight per model (a parity row; zero leaves the model out). ``x``: calibration
+    inputs. Each model's Gram matrices are computed once, for all rows."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"RegMean alpha must be in [0, 1], got {alpha!r}")
-    w = [float(v) for v in weights]
+    names = list(_layers(models[0]))
+    needed = sorted({i for row in rows for i, v in enumerate(row) if float(v) > 0})
+    grams = {i: _grams(models[i], x, names) for i in needed} if names else {}
+    return [_merge_row(models, [float(v) for v in row], grams, names, alpha) for row in rows]
+
+
+def _merge_row(models, w: list[float], grams, names: Sequence[str], alpha: float) -> nn.Module:
     total = sum(w)
     members = [i for i, v in enumerate(w) if v > 0]
-    merged = copy.deepcopy(models[members[0]])
-    with torch.no_grad():  # the weighted average of everything first
-        states = [models[i].state_dict() for i in members]
-        avg = {}
-        for key, v in states[0].items():
-            if v.is_floating_point():
-                avg[key] = sum(w[i] * s[key] for i, s in zip(members, states, strict=True)) / total
-            else:
-                avg[key] = v
-        merged.load_state_dict(avg)
-    names = list(_layers(merged))
-    if not names:
-        return merged
-    grams = [_grams(models[i], x, names) for i in members]
+    merged = weighted_average(models, [v / total for v in w])
     mods = dict(merged.named_modules())
     for name in names:
+        if any(name not in grams[i] for i in members):
+            continue  # a layer forward() never calls keeps the average
         num, den = None, None
-        for i, g in zip(members, grams, strict=True):
-            if name not in g:  # a layer forward() never calls keeps the average
-                break
-            gi = g[name]
+        for i in members:
+            gi = grams[i][name]
             gi = alpha * gi + (1 - alpha) * torch.diag(torch.diagonal(gi))
             wi = weight_matrix(models[i].get_submodule(name))  # (out, D[+1])
             term = w[i] * gi
             num = term @ wi.T if num is None else num + term @ wi.T
             den = term if den is None else den + term
-        else:
-            assert num is not None and den is not None
-            eye = torch.eye(den.shape[0], dtype=den.dtype, device=den.device)
-            ridge = 1e-8 * float(den.diagonal().mean()) * eye  # a dead input feature has a zero row
-            sol = torch.linalg.solve(den + ridge, num).T
-            layer = mods[name]
-            d_w = layer.weight[0].numel()
-            with torch.no_grad():
-                layer.weight.copy_(sol[:, :d_w].reshape(layer.weight.shape).to(layer.weight.dtype))
-                if layer.bias is not None:
-                    layer.bias.copy_(sol[:, d_w].to(layer.bias.dtype))
+        eye = torch.eye(den.shape[0], dtype=den.dtype, device=den.device)
+        ridge = 1e-8 * float(den.diagonal().mean()) * eye  # a dead input feature has a zero row
+        sol = torch.linalg.solve(den + ridge, num).T
+        layer = mods[name]
+        d_w = layer.weight[0].numel()
+        with torch.no_grad():
+            layer.weight.copy_(sol[:, :d_w].reshape(layer.weight.shape).to(layer.weight.dtype))
+            if layer.bias is not None:
+                layer.bias.copy_(sol[:, d_w].to(layer.bias.dtype))
     return merged
