@@ -41,6 +41,7 @@ def test_fisher_on_cuda_equals_the_cpu(backend, estimator):
         ("coin", {"estimator": "exact"}),
         ("heads", {}),
         ("heads", {"split": "fc2", "rank": 4}),
+        ("heads", {"split": "fc1", "trunk_groups": 2}),
         ("average", {}),
     ],
 )

@@ -354,12 +354,12 @@ def test_a_residual_through_batchnorm_is_inverted_on_the_target():
     ],
 )
 def test_bad_options_are_refused_before_any_work(monkeypatch, opts, words):
-    import coinfer.encoders as enc
+    import coinfer.merge as merge
 
     def no_work(*a, **kw):
         raise AssertionError("Fisher was computed before the options were checked")
 
-    monkeypatch.setattr(enc, "diagonal_fisher", no_work)
+    monkeypatch.setattr(merge, "diagonal_fisher", no_work)
     models = _models(LENET, 2)
     with pytest.raises((ValueError, SplitError), match=words):
         encode(
@@ -373,9 +373,9 @@ def test_bad_options_are_refused_before_any_work(monkeypatch, opts, words):
 
 
 def test_untraceable_model_is_refused_before_the_fisher(monkeypatch):
-    import coinfer.encoders as enc
+    import coinfer.merge as merge
 
-    monkeypatch.setattr(enc, "diagonal_fisher", lambda *a, **k: (_ for _ in ()).throw(AssertionError("work")))
+    monkeypatch.setattr(merge, "diagonal_fisher", lambda *a, **k: (_ for _ in ()).throw(AssertionError("work")))
     with pytest.raises(SplitError, match="could not trace"):
         encode([_Branchy(), _Branchy()], Code(2, 1), torch.randn(10, 4), method="heads", split="fc")
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import coinfer.experiments.presets as presets
 from coinfer.code import Code
-from coinfer.encoders import METHODS, _Method, weighted_average
+from coinfer.encoders import METHODS, Method, weighted_average
 from coinfer.errors import CoinferError
 from coinfer.experiments.config import ExperimentConfig, TrainConfig, config_from_dict
 from coinfer.experiments.presets import (
@@ -170,7 +170,7 @@ def _fake_heads(models, code, x, y, opts):
 
 @pytest.fixture
 def heads_registered(monkeypatch):
-    monkeypatch.setitem(METHODS, "heads", _Method("heads", _fake_heads, _HeadsOptions, "fake heads"))
+    monkeypatch.setitem(METHODS, "heads", Method("heads", options=_HeadsOptions, fn=_fake_heads, doc="fake heads"))
     line = Preset(
         "heads",
         {"trunk": "coin", "refit": True},

@@ -118,7 +118,7 @@ def load_model(
             ``trust_code`` is True; registered architectures need no opt-in.
         path: the safetensors file (a regular file; read once).
         parity: a coded model's structure from the manifest (``kind: heads``:
-            a :class:`~coinfer.heads.HeadsParity` over ``spec``); None for a
+            a :class:`~coinfer.parity.HeadsParity` over ``spec``); None for a
             model of the architecture itself.
         trust_code: allow a ``package.module:factory`` architecture.
         sha256: if given, the file's bytes must have this hex sha256 (checked on
@@ -143,7 +143,7 @@ def load_model(
         )
     model = build_model(spec)
     if parity is not None:
-        from coinfer.heads import build_parity
+        from coinfer.parity import build_parity
 
         try:
             model = build_parity(model, parity)

@@ -1,35 +1,55 @@
-"""Trunk merges: the weighted average, and RegMean, merging linear layers in closed form from their input Gram matrices.
+"""Trunk merges, weights in, weights out: the weighted average, COIN's
+Fisher-weighted average, and RegMean; and the buffers of a merged model.
 
-For a layer ``y = W x`` that model i computes on its own inputs ``X_i``,
-RegMean (Jin, Ren, Preotiuc-Pietro, Cheng, ICLR 2023, "Dataless Knowledge
-Fusion by Merging Weights of Language Models") takes the W that best matches
-every model's outputs on its own inputs,
+* :func:`weighted_average`: ``Σ w_i θ_i``, parameters and buffers.
+* :func:`fisher_weighted_average` / :func:`coin_merge`: COIN's closed form
+  ``θ_c = Σ w_i F_i θ_i / Σ w_i F_i`` element-wise, with each model's diagonal
+  Fisher on the calibration inputs (Jhunjhunwala et al., ISIT 2024).
+* :func:`regmean_merge`: every linear layer merged in closed form from its
+  input Gram matrices. For a layer ``y = W x`` that model i computes on its own
+  inputs ``X_i``, RegMean (Jin, Ren, Preotiuc-Pietro, Cheng, ICLR 2023,
+  "Dataless Knowledge Fusion by Merging Weights of Language Models") takes the
+  W that best matches every model's outputs on its own inputs,
 
-    W* = argmin Σ_i w_i ||X_i Wᵀ − X_i W_iᵀ||²  =  (Σ_i w_i G̃_i)⁻¹ Σ_i w_i G̃_i W_iᵀ,
+      W* = argmin Σ_i w_i ||X_i Wᵀ − X_i W_iᵀ||²  =  (Σ_i w_i G̃_i)⁻¹ Σ_i w_i G̃_i W_iᵀ,
 
-with ``G_i = X_iᵀX_i`` and its off-diagonal entries scaled by ``a`` (``G̃ = a G
-+ (1 − a) diag G``): ``a = 0`` is a per-input-feature weighted average, ``a = 1``
-the plain regression. Every ``nn.Linear`` and ungrouped ``nn.Conv2d``
-(on unfolded patches) is merged this way, a bias as one more input column of
-ones; every other parameter and buffer is the w-weighted average. The Gram
-matrices are accumulated over the calibration inputs batch by batch, each
-model on its own activations.
+  with ``G_i = X_iᵀX_i`` and its off-diagonal entries scaled by ``a`` (``G̃ = a G
+  + (1 − a) diag G``): ``a = 0`` is a per-input-feature weighted average, ``a = 1``
+  the plain regression. Every ``nn.Linear`` and ungrouped ``nn.Conv2d`` (on
+  unfolded patches) is merged this way, a bias as one more input column of
+  ones; every other parameter and buffer is the w-weighted average. The Gram
+  matrices are accumulated over the calibration inputs batch by batch, each
+  model on its own activations.
+* :func:`finish_buffers`: a merged model's buffers w-averaged, BatchNorm
+  statistics optionally recomputed on calibration inputs (never Fisher-weighted).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from coinfer.errors import CalibrationError
+from coinfer.fisher import ESTIMATORS, diagonal_fisher, fisher_total
+from coinfer.options import BUFFER_MODES, DEFAULT_REGMEAN_ALPHA, FisherOptions, show_progress
 from coinfer.refit import MAX_DESIGN, design, refittable, weight_matrix
 
-__all__ = ["weighted_average", "regmean_merge", "DEFAULT_REGMEAN_ALPHA"]
-
-#: Scale of the Gram matrices' off-diagonal entries (RegMean's ``alpha``).
-DEFAULT_REGMEAN_ALPHA = 0.9
+__all__ = [
+    "weighted_average",
+    "fisher_weighted_average",
+    "coin_merge",
+    "model_fishers",
+    "regmean_merge",
+    "finish_buffers",
+    "recompute_batchnorm",
+    "batchnorm_modules",
+    "DEFAULT_REGMEAN_ALPHA",
+]
 
 
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -133,3 +153,161 @@ def _merge_row(models, w: list[float], grams, names: Sequence[str], alpha: float
             if layer.bias is not None:
                 layer.bias.copy_(sol[:, d_w].to(layer.bias.dtype))
     return merged
+
+
+# --------------------------------------------------------------------------- COIN
+def fisher_weighted_average(
+    models: Sequence[nn.Module],
+    fishers: Sequence[dict[str, torch.Tensor]],
+    w: Sequence[float],
+    eps: float = 1e-12,
+) -> tuple[nn.Module, int]:
+    """COIN's closed form for one parity row: ``Σ w_i F_i θ_i / Σ w_i F_i``.
+
+    Element-wise per parameter; where ``Σ w_i F_i <= eps`` the entry falls back
+    to the w-weighted average. Buffers are copied from model 0 (the caller sets
+    them). Returns the coded model and the number of fall-back entries."""
+    coded = copy.deepcopy(models[0])
+    params = [dict(m.named_parameters()) for m in models]
+    n_fallback = 0
+    with torch.no_grad():
+        for name, p in coded.named_parameters():
+            if name not in fishers[0]:
+                continue
+            num = torch.zeros_like(p, dtype=torch.float64)
+            den = torch.zeros_like(num)
+            avg = torch.zeros_like(num)
+            for wi, f, ps in zip(w, fishers, params, strict=True):
+                fi = f[name].double()
+                num += float(wi) * fi * ps[name].double()
+                den += float(wi) * fi
+                avg += float(wi) * ps[name].double()
+            ok = den > eps
+            n_fallback += int((~ok).sum())
+            p.copy_(torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), avg).to(p.dtype))
+    return coded, n_fallback
+
+
+def model_fishers(
+    models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor | None, opts: FisherOptions
+) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+    """The diagonal Fisher of every model on the first ``opts.num_samples``
+    calibration inputs (rescaled to equal totals with ``opts.normalize``), and
+    their info: totals before rescaling, samples, forward and backward passes."""
+    if opts.estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {opts.estimator!r}")
+    if opts.estimator == "empirical" and y is None:
+        raise CalibrationError("estimator 'empirical' needs labelled calibration data: pass (inputs, labels)")
+    n = len(x) if opts.num_samples is None else min(opts.num_samples, len(x))
+    fishers = []
+    bar = tqdm(models, desc="coin: fisher per model", disable=not show_progress(opts.progress), leave=False)
+    for i, m in enumerate(bar):
+        fishers.append(
+            diagonal_fisher(
+                m,
+                x[:n],
+                opts.estimator,
+                labels=None if y is None else y[:n],
+                batch_size=opts.batch_size,
+                seed=opts.seed + i,
+                progress=False,
+                backend=opts.backend,
+            )
+        )
+    totals = [fisher_total(f) for f in fishers]
+    if opts.normalize:
+        target = sum(totals) / len(totals)
+        fishers = [
+            {p: f * (target / max(t, 1e-30)) for p, f in fi.items()}
+            for fi, t in zip(fishers, totals, strict=True)
+        ]
+    per_sample_bwd = num_classes(models[0], x) if opts.estimator == "exact" else 1
+    info = {
+        "fisher_totals": totals,
+        "calibration_samples": n,
+        "forward_passes": len(models) * n,
+        "backward_passes": len(models) * n * per_sample_bwd,
+    }
+    return fishers, info
+
+
+def coin_merge(
+    models: Sequence[nn.Module],
+    rows: Sequence[Sequence[float]],
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    opts: FisherOptions,
+) -> tuple[list[nn.Module], dict[str, Any]]:
+    """COIN's merge for each parity row of ``rows``: the Fisher of every model
+    (:func:`model_fishers`), then the Fisher-weighted average per row. Buffers
+    are left as model 0's (see :func:`finish_buffers`)."""
+    fishers, info = model_fishers(models, x, y, opts)
+    merged, fallback = [], []
+    for row in rows:
+        coded, n_fallback = fisher_weighted_average(models, fishers, row, opts.eps)
+        merged.append(coded)
+        fallback.append(n_fallback)
+    info["fallback_entries"] = fallback
+    return merged, info
+
+
+def num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    """The width of ``model``'s logits on ``x[:1]`` (its mode left as it was)."""
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        c = model(x[:1]).shape[-1]
+        model.train(was)
+    return int(c)
+
+
+# --------------------------------------------------------------------------- buffers
+def batchnorm_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of ``model`` that track running statistics."""
+    return [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> int:
+    """Reset and re-estimate BatchNorm running statistics over ``x`` (cumulative
+    average). Returns the number of BatchNorm layers updated."""
+    bns = batchnorm_modules(model)
+    if not bns:
+        return 0
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    was = model.training
+    model.train()
+    try:
+        for s in range(0, len(x), batch_size):
+            xb = x[s : s + batch_size]
+            if len(xb) < 2:
+                break
+            model(xb)
+    finally:
+        for bn, mom in zip(bns, momenta, strict=True):
+            bn.momentum = mom
+        model.train(was)
+    return len(bns)
+
+
+def finish_buffers(
+    coded: nn.Module, models: Sequence[nn.Module], w: Sequence[float], x: torch.Tensor, mode: str
+) -> None:
+    """Set a merged model's buffers to the w-average of the models' and, with
+    ``mode="recompute"``, re-estimate its BatchNorm statistics on ``x``; leaves it in eval mode."""
+    if mode not in BUFFER_MODES:
+        raise ValueError(f"buffers must be one of {BUFFER_MODES}, got {mode!r}")
+    avg = weighted_average(models, w).state_dict()
+    names = {n for n, _ in coded.named_buffers()}
+    sd = coded.state_dict()
+    for n in names:
+        sd[n] = avg[n]
+    coded.load_state_dict(sd)
+    if mode == "recompute":
+        recompute_batchnorm(coded, x)
+    coded.eval()

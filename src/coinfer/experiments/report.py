@@ -276,19 +276,23 @@ def plot_frontier(group: dict, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
     fams = sorted(set(fam_of.values()))
     on_front = {lab for lab, _, _, _ in frontier(group)}
-    norm = Normalize(vmin=0.0, vmax=max(1.0, *(c for _, _, c in means.values())))
+    # the colour scale spans the parities' costs; the no-parity controls (cost 0) are grey
+    costs = [c for _, _, c in means.values() if c > 0]
+    lo, hi = (min(costs), max(costs)) if costs else (1.0, 1.0)
+    if hi - lo < 0.05:
+        lo, hi = lo - 0.05, hi + 0.05
+    norm = Normalize(vmin=lo, vmax=hi)
     cmap = plt.get_cmap("viridis")
+    n_label = 0
     for i, fam in enumerate(fams):
         labs = [lab for lab in means if fam_of[lab] == fam]
         xs = [max(means[lab][0], floor) for lab in labs]
         ys = [means[lab][1] for lab in labs]
-        cs = [means[lab][2] for lab in labs]
+        colours = [cmap(norm(means[lab][2])) if means[lab][2] > 0 else (0.6, 0.6, 0.6, 1.0) for lab in labs]
         ax.scatter(
             xs,
             ys,
-            c=cs,
-            cmap=cmap,
-            norm=norm,
+            c=colours,
             marker=_MARKERS[i % len(_MARKERS)],
             label=fam,
             s=40,
@@ -296,14 +300,20 @@ def plot_frontier(group: dict, path: str | Path) -> Path:
             linewidths=0.4,
         )
         for lab, x, y in zip(labs, xs, ys, strict=True):
-            # only the frontier's points are labelled: labels of every variant overlap
+            # only the frontier's points are labelled, staggered (labels of every variant overlap)
             extra = lab[len(fam) :].replace("split=auto", "").strip()
             if extra and lab in on_front:
-                ax.annotate(extra, (x, y), fontsize=6, xytext=(3, -9), textcoords="offset points")
+                dy = (-10, 5, -18)[n_label % 3]
+                ax.annotate(extra, (x, y), fontsize=6, xytext=(4, dy), textcoords="offset points")
+                n_label += 1
     # the frontier: variants not beaten by a cheaper-or-equal, more accurate one
     front = [(max(s, floor), a) for _, s, a, _ in frontier(group)]
     ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="k", lw=1, alpha=0.6)
-    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="parity cost (× one data model)")
+    fig.colorbar(
+        plt.cm.ScalarMappable(norm=norm, cmap=cmap),
+        ax=ax,
+        label="parity cost (× one data model; grey: no parity)",
+    )
     ax.set_xscale("log")
     ax.set_xlabel(f"build seconds (log; zero-cost methods drawn at {floor:.2g} s)")
     ax.set_ylabel("reconstruction accuracy (test, mean over seeds)")

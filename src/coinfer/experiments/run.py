@@ -343,6 +343,7 @@ def evaluate_variant(
             "alpha",
             "parity_costs",
             "trunk",
+            "trunk_groups",
             "refit_layers",
             "heldout_recon",
             "calibration_recon",

@@ -415,10 +415,22 @@ def plot_cdf(curves: dict[str, np.ndarray], path: str | Path, title: str = "") -
         q = np.arange(1, len(lat) + 1) / len(lat)
         axes[0].plot(lat, q, label=label)
         axes[1].plot(lat, 1 - q + 1.0 / len(lat), label=label)
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     axes[0].set(xscale="log", xlabel="latency (ms)", ylabel="CDF", title=title or "latency CDF")
     axes[1].set(xscale="log", yscale="log", xlabel="latency (ms)", ylabel="1 - CDF (tail)")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
     for a in axes:
+        # major ticks at 1, 2, 5 x 10^n as plain numbers; minor ticks unlabelled (they collided)
+        a.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
+        a.xaxis.set_major_formatter(plain)
+        a.xaxis.set_minor_formatter(NullFormatter())
         a.grid(alpha=0.3, which="both")
+    axes[1].yaxis.set_major_locator(LogLocator(base=10, numticks=8))
+    axes[1].yaxis.set_minor_formatter(NullFormatter())
+    # the tail axis says which percentile each level is
+    axes[1].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"p{100 * (1 - v):g}" if v < 1 else "p0"))
+    axes[1].set_ylabel("1 - CDF (tail), labelled by percentile")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)

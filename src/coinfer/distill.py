@@ -1,0 +1,93 @@
+"""The ``distill`` encoder: a learned parity, the ParM-style baseline.
+
+Each parity row trains one copy of the architecture (initialised randomly,
+as the w-average, as COIN, or from a given module) to minimise the
+cross-entropy to the target mixture ``Σ w_i p_i(x)`` on unlabelled inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from coinfer.checks import check_models
+from coinfer.code import Code
+from coinfer.merge import batchnorm_modules, coin_merge, finish_buffers, weighted_average
+from coinfer.options import CoinOptions, DistillOptions, show_progress
+from coinfer.predict import predict_probs
+
+__all__ = ["build_distill"]
+
+
+def _reset_parameters(model: nn.Module, seed: int) -> None:
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters") and m is not model:
+            m.reset_parameters()
+
+
+def build_distill(models, code: Code, x, y, opts: DistillOptions):
+    """Learned parity: minimise cross-entropy to the target mixture Σ w_i p_i(x)."""
+    data = x if opts.train_inputs is None else opts.train_inputs
+    if opts.epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {opts.epochs}")
+    for m in models:
+        m.eval()
+    with torch.no_grad():
+        probs = torch.stack([predict_probs(m, data) for m in models])  # (k, N, C)
+    coded, fwd, bwd, info_extra = [], 0, 0, {}
+    for ri, row in enumerate(code.weights):
+        target = torch.einsum("k,knc->nc", torch.tensor(row, dtype=probs.dtype, device=probs.device), probs)
+        if isinstance(opts.init, nn.Module):
+            student = copy.deepcopy(opts.init)
+        elif opts.init == "random":
+            student = copy.deepcopy(models[0])
+            _reset_parameters(student, opts.seed + ri)
+        elif opts.init == "average":
+            student = weighted_average(models, row)
+        elif opts.init == "coin":
+            coin = CoinOptions(**opts.coin)
+            (student,), info_extra = coin_merge(models, [row], x, y, coin)
+            n = info_extra["calibration_samples"]
+            finish_buffers(student, models, row, x[:n], coin.buffers)
+            if coin.buffers == "recompute":
+                info_extra["forward_passes"] += n
+        else:
+            raise ValueError(f"init must be an nn.Module or 'random', 'average', 'coin', got {opts.init!r}")
+        check_models([models[0], student])
+        g = torch.Generator().manual_seed(opts.seed + ri)
+        optim = torch.optim.Adam(student.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+        student.train()
+        steps = opts.epochs * math.ceil(len(data) / opts.batch_size)
+        bar = tqdm(
+            total=steps, desc=f"distill parity {ri}", disable=not show_progress(opts.progress), leave=False
+        )
+        for _ in range(opts.epochs):
+            perm = torch.randperm(len(data), generator=g)
+            for s in range(0, len(data), opts.batch_size):
+                idx = perm[s : s + opts.batch_size]
+                if len(idx) < 2 and batchnorm_modules(student):
+                    continue
+                logp = torch.log_softmax(student(data[idx]), dim=-1)
+                loss = -(target[idx] * logp).sum(-1).mean()
+                optim.zero_grad()
+                loss.backward()
+                optim.step()
+                bar.update(1)
+        bar.close()
+        student.eval()
+        coded.append(student)
+        fwd += opts.epochs * len(data)
+        bwd += opts.epochs * len(data)
+    info = {
+        "forward_passes": len(models) * len(data) + fwd + info_extra.get("forward_passes", 0),
+        "backward_passes": bwd + info_extra.get("backward_passes", 0),
+        "train_samples": len(data),
+    }
+    if "fisher_totals" in info_extra:
+        info["fisher_totals"] = info_extra["fisher_totals"]
+    return coded, info
