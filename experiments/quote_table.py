@@ -16,10 +16,10 @@ from pathlib import Path
 def main(page: str, name: str, table: str) -> None:
     text = Path(page).read_text()
     body = Path(table).read_text().strip()
-    pat = re.compile(rf"(<!-- {name}:start -->\n).*?(\n<!-- {name}:end -->)", re.S)
+    pat = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
     if not pat.search(text):
         sys.exit(f"{page} has no <!-- {name}:start --> ... <!-- {name}:end --> markers")
-    Path(page).write_text(pat.sub(lambda m: m.group(1) + body + m.group(2), text))
+    Path(page).write_text(pat.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text))
 
 
 if __name__ == "__main__":

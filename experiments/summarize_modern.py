@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent / "results"
 CONFIGS = [
     ("fashion_class-split_k2r1_vit", ["fashion_class-split_k2r1_vit_coin"]),
     ("fashion_class-split_k4r1_vit", ["fashion_class-split_k4r1_vit_cost2"]),
-    ("mnist_class-split_k4r1_issue15", []),
-    ("mnist_mlp_class-split_k4r1_issue15", []),
+    ("mnist_class-split_k4r1_seed0", []),
+    ("mnist_mlp_class-split_k4r1_seed0", []),
 ]
 FAMILIES = ["heads", "heads-polish", "heads-regmean", "heads-2.0", "distill-common", "coin-exact", "average", "base"]
 
