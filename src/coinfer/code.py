@@ -415,6 +415,57 @@ class Code:
             out.append(next(it) if j in missing_data else available[j].to(dtype))
         return torch.stack(out)
 
+    def residual(self, available: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """Per sample, how far the outputs that arrived are from any consistent set:
+        ``‖G_S p̂ − y_S‖`` with ``p̂`` the least-squares data outputs from all of
+        them (``S``: the workers in ``available``, at least ``k + 1``). Near the
+        parities' approximation error when every output is right; large when one
+        is not."""
+        if not isinstance(available, Mapping) or len(available) < self.k + 1:
+            raise DecodeError(
+                f"checking outputs needs at least k + 1 = {self.k + 1} of them, got "
+                f"{len(available) if isinstance(available, Mapping) else type(available).__name__}"
+            )
+        ws = self._check_indices(available.keys())
+        ys = [available[i] for i in ws]
+        shape = tuple(ys[0].shape)
+        if len(shape) != 2 or any(tuple(y.shape) != shape for y in ys):
+            raise DecodeError(
+                f"outputs must share one (batch, C) shape, got {sorted({tuple(y.shape) for y in ys})}"
+            )
+        dtype = ys[0].dtype if ys[0].is_floating_point() else torch.float64
+        y = torch.stack([v.to(dtype) for v in ys])  # (S, B, C)
+        if not torch.isfinite(y).all():
+            raise _nonfinite([i for i, v in zip(ws, ys, strict=True) if not torch.isfinite(v).all()])
+        g = torch.from_numpy(self._generator[ws]).to(dtype=dtype, device=y.device)  # (S, k)
+        p = torch.linalg.pinv(g) @ y.reshape(len(ws), -1)  # (k, B*C)
+        res = (g @ p - y.reshape(len(ws), -1)).reshape(y.shape)
+        return res.pow(2).sum(dim=(0, 2)).sqrt()
+
+    def locate(self, available: Mapping[int, torch.Tensor], threshold: float) -> torch.Tensor:
+        """Per sample, the worker whose output is inconsistent with the others, or −1.
+
+        Each worker is left out in turn and the rest scored by :meth:`residual`;
+        the worker whose removal leaves the most consistent set is named when the
+        full set's residual exceeds ``threshold`` (probabilities live on one
+        scale, so an absolute test; calibrate it on clean outputs, e.g. their
+        99th percentile for about 1 % false alarms). Needs at least ``k + 2`` outputs
+        (``r ≥ 2`` with nothing late): with ``k + 1`` a corrupt output can be
+        detected but not told apart from the ones it contradicts."""
+        if not isinstance(threshold, int | float) or isinstance(threshold, bool) or not threshold > 0:
+            raise DecodeError(f"threshold must be a positive number, got {threshold!r}")
+        if not isinstance(available, Mapping) or len(available) < self.k + 2:
+            n = len(available) if isinstance(available, Mapping) else type(available).__name__
+            raise DecodeError(
+                f"locating a corrupt output needs at least k + 2 = {self.k + 2} outputs, got {n}"
+            )
+        ws = self._check_indices(available.keys())
+        full = self.residual(available)
+        without = torch.stack([self.residual({w: available[w] for w in ws if w != c}) for c in ws])
+        idx = without.argmin(dim=0)
+        named = torch.tensor(ws, device=full.device)[idx]
+        return torch.where(full > threshold, named, torch.full_like(named, -1))
+
     def _decode_small(self, available, rows, missing_data, project) -> torch.Tensor | None:
         """NumPy path of :meth:`decode` for small CPU batches (same result);
         ``None`` when the inputs do not qualify (GPU, autograd, mixed dtypes)."""

@@ -40,6 +40,14 @@ def build_distill(models, code: Code, x, y, opts: DistillOptions):
     with torch.no_grad():
         probs = torch.stack([predict_probs(m, data) for m in models])  # (k, N, C)
     coded, fwd, bwd, info_extra = [], 0, 0, {}
+    if opts.init == "coin":  # COIN's Fisher once for every row, its passes counted once per pass
+        coin = CoinOptions(**opts.coin)
+        coin_models, info_extra = coin_merge(models, code.weights, x, y, coin)
+        n = info_extra["calibration_samples"]
+        for m, row in zip(coin_models, code.weights, strict=True):
+            finish_buffers(m, models, row, x[:n], coin.buffers)
+        if coin.buffers == "recompute":
+            info_extra["forward_passes"] += code.r * n
     for ri, row in enumerate(code.weights):
         target = torch.einsum("k,knc->nc", torch.tensor(row, dtype=probs.dtype, device=probs.device), probs)
         if isinstance(opts.init, nn.Module):
@@ -50,12 +58,7 @@ def build_distill(models, code: Code, x, y, opts: DistillOptions):
         elif opts.init == "average":
             student = weighted_average(models, row)
         elif opts.init == "coin":
-            coin = CoinOptions(**opts.coin)
-            (student,), info_extra = coin_merge(models, [row], x, y, coin)
-            n = info_extra["calibration_samples"]
-            finish_buffers(student, models, row, x[:n], coin.buffers)
-            if coin.buffers == "recompute":
-                info_extra["forward_passes"] += n
+            student = coin_models[ri]
         else:
             raise ValueError(f"init must be an nn.Module or 'random', 'average', 'coin', got {opts.init!r}")
         check_models([models[0], student])

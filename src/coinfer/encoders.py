@@ -23,6 +23,7 @@ running the coded model over the calibration inputs.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import time
 import warnings
@@ -174,10 +175,13 @@ def encode(
         raise TypeError(f"method {method!r} got unknown options {unknown}; it accepts {sorted(known)}")
     opts = spec.options(**options)
     # option values are checked before any work
-    if isinstance(opts, Options):
-        opts.validate(method)
-    elif hasattr(opts, "validate"):  # a user method's own options class
-        opts.validate()
+    validate = getattr(opts, "validate", None)
+    if callable(validate):
+        # Options.validate names the method; a user's own validate() may take no argument
+        if isinstance(opts, Options) and inspect.signature(validate).parameters:
+            validate(method)
+        else:
+            validate()
     if not isinstance(code, Code):
         raise TypeError(f"code must be a coinfer.Code, got {type(code).__name__}")
     check_models(models, code.k)

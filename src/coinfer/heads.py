@@ -60,11 +60,12 @@ from coinfer.merge import (
     finish_buffers,
     fisher_weighted_average,
     model_fishers,
+    regmean_grams,
     regmean_merge,
     weighted_average,
 )
 from coinfer.options import HeadsOptions, show_progress
-from coinfer.parity import HeadsParity, LowRankAdapter, build_parity, lowrank_layer
+from coinfer.parity import HeadsParity, LowRankAdapter, build_parity, lowrank_layer, partition
 from coinfer.predict import predict_probs
 from coinfer.refit import (
     HeadRefit,
@@ -127,25 +128,36 @@ class Trunks:
     ):
         self.models, self.x, self.y, self.opts = list(models), x, y, opts
         self.cache: dict[tuple, nn.Module] = {}
+        self.fallbacks: dict[tuple, int] = {}  #: COIN's fall-back entries of each merge
         self.fishers: list[dict[str, torch.Tensor]] | None = None
+        self.grams: dict[int, dict[str, torch.Tensor]] = {}  #: RegMean's Gram matrices per model
         self.info: dict[str, Any] = {"forward_passes": 0, "backward_passes": 0}
 
-    def get(self, name: str, idx: Sequence[int], weights: Sequence[float]) -> nn.Module:
+    @staticmethod
+    def key(name: str, idx: Sequence[int], weights: Sequence[float]) -> tuple:
         total = float(sum(weights))
-        w = tuple(float(v) / total for v in weights)
-        key = (name, tuple(idx), w)
+        return (name, tuple(int(i) for i in idx), tuple(float(v) / total for v in weights))
+
+    def get(self, name: str, idx: Sequence[int], weights: Sequence[float]) -> nn.Module:
+        key = self.key(name, idx, weights)
+        w = key[2]
         if key not in self.cache:
             subset = [self.models[i] for i in idx]
             n = len(self.x)
+            if len(subset) == 1:
+                # a "merge" of one model is that model, its own BatchNorm statistics kept
+                self.cache[key] = copy.deepcopy(subset[0]).eval()
+                self.fallbacks[key] = 0
+                return self.cache[key]
             if name == "coin":
                 fishers = self._fishers()
                 merged, fallback = fisher_weighted_average(
                     subset, [fishers[i] for i in idx], w, self.opts.eps
                 )
-                self.info.setdefault("fallback_entries", []).append(fallback)
+                self.fallbacks[key] = fallback
             elif name == "regmean":
-                (merged,) = regmean_merge(subset, [w], self.x, self.opts.regmean_alpha)
-                self.info["forward_passes"] += len(subset) * n  # each model's own layer inputs
+                grams = {j: self._grams(i) for j, i in enumerate(idx)}
+                (merged,) = regmean_merge(subset, [w], self.x, self.opts.regmean_alpha, grams=grams)
             else:
                 merged = weighted_average(subset, w)
             finish_buffers(merged, subset, w, self.x, "recompute")
@@ -154,6 +166,15 @@ class Trunks:
             self.cache[key] = merged
         return self.cache[key]
 
+    def fallback(self, name: str, idx: Sequence[int], weights: Sequence[float]) -> int:
+        return self.fallbacks.get(self.key(name, idx, weights), 0)
+
+    def _grams(self, i: int) -> dict[str, torch.Tensor]:
+        if i not in self.grams:
+            self.grams[i] = regmean_grams(self.models[i], self.x)
+            self.info["forward_passes"] += len(self.x)  # model i's own layer inputs, once
+        return self.grams[i]
+
     def _fishers(self) -> list[dict[str, torch.Tensor]]:
         if self.fishers is None:
             self.fishers, info = model_fishers(self.models, self.x, self.y, self.opts)
@@ -161,21 +182,6 @@ class Trunks:
                 self.info[key] += info.pop(key)
             self.info.update(info)
         return self.fishers
-
-
-def partition(members: Sequence[int], groups: int) -> list[list[int]]:
-    """``members`` split in order into ``groups`` contiguous groups of sizes
-    differing by at most one (positions 0..m-1, not model indices)."""
-    m = len(members)
-    if not 1 <= groups <= m:
-        raise SplitError(f"cannot split {m} heads into {groups} trunk groups")
-    base, extra = divmod(m, groups)
-    out, start = [], 0
-    for g in range(groups):
-        size = base + (1 if g < extra else 0)
-        out.append(list(range(start, start + size)))
-        start += size
-    return out
 
 
 @dataclass
@@ -308,7 +314,7 @@ def encode_heads(
     by_shape: dict[tuple[str, int], list[tuple[int | None, float]]] = {}
     for split, rank, groups, cost in shapes:
         by_shape.setdefault((split, groups), []).append((rank, cost))
-    samples, tried, parities, heldout, polish_seconds = 0, [], [], [], 0.0
+    samples, tried, parities, heldout, polish_seconds, fallback = 0, [], [], [], 0.0, []
     for ri, row in enumerate(rows):
         members = [i for i in range(k) if row[i] > 0]
         weights = [row[i] for i in members]
@@ -316,6 +322,13 @@ def encode_heads(
         samples += n
         key, tname, split, groups, rank, alpha, refit, depth = best
         heldout.append(key[0])
+        if tname == "coin":
+            fallback.append(
+                sum(
+                    trunks.fallback(tname, [members[p] for p in part], [row[members[p]] for p in part])
+                    for part in partition(members, groups)
+                )
+            )
         final = _fitted(
             models,
             members,
@@ -360,6 +373,7 @@ def encode_heads(
         "polish_seconds": polish_seconds,
         "heads_forward_samples": samples,
         "heldout_samples": len(held.x_val),
+        **({"fallback_entries": fallback} if fallback else {}),
     }
     return parities, info
 

@@ -45,6 +45,7 @@ __all__ = [
     "coin_merge",
     "model_fishers",
     "regmean_merge",
+    "regmean_grams",
     "finish_buffers",
     "recompute_batchnorm",
     "batchnorm_modules",
@@ -109,11 +110,18 @@ def weighted_average(models: Sequence[nn.Module], w: Sequence[float]) -> nn.Modu
     return out
 
 
+def regmean_grams(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The Gram matrices RegMean needs of ``model``: each merged layer's, on its own inputs."""
+    names = list(_layers(model))
+    return _grams(model, x, names) if names else {}
+
+
 def regmean_merge(
     models: Sequence[nn.Module],
     rows: Sequence[Sequence[float]],
     x: torch.Tensor,
     alpha: float = DEFAULT_REGMEAN_ALPHA,
+    grams: dict[int, dict[str, torch.Tensor]] | None = None,
 ) -> list[nn.Module]:
     """One merged model per row of ``rows``: RegMean for every Linear/Conv2d layer,
     the row's weighted average for everything else. A row holds one non-negative
@@ -123,7 +131,8 @@ def regmean_merge(
         raise ValueError(f"RegMean alpha must be in [0, 1], got {alpha!r}")
     names = list(_layers(models[0]))
     needed = sorted({i for row in rows for i, v in enumerate(row) if float(v) > 0})
-    grams = {i: _grams(models[i], x, names) for i in needed} if names else {}
+    if grams is None:
+        grams = {i: _grams(models[i], x, names) for i in needed} if names else {}
     return [_merge_row(models, [float(v) for v in row], grams, names, alpha) for row in rows]
 
 

@@ -138,8 +138,15 @@ class Options:
     def validate(self, method: str | None = None) -> None:
         """Refuse values outside the declared ranges before any work, naming the option."""
         method = method or self.method
+        table = type(self).constraints
+        missing = [f.name for f in dataclasses.fields(self) if f.name not in table]  # type: ignore[arg-type]
+        if missing:
+            raise TypeError(
+                f"{type(self).__name__}: fields {missing} have no declared constraint; "
+                "add them to its constraints table"
+            )
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            allowed = type(self).constraints[f.name]
+            allowed = table[f.name]
             value = getattr(self, f.name)
             if not allowed(value):
                 raise OptionError(

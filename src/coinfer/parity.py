@@ -16,6 +16,7 @@ knows nothing of it.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,7 +28,22 @@ from coinfer.errors import SplitError
 from coinfer.refit import MAX_DESIGN
 from coinfer.split import INPUT, split_model
 
-__all__ = ["HeadsParity", "LowRankAdapter", "lowrank_layer", "build_parity"]
+__all__ = ["HeadsParity", "LowRankAdapter", "lowrank_layer", "build_parity", "partition"]
+
+
+def partition(members: Sequence[int], groups: int) -> list[list[int]]:
+    """``members`` split in order into ``groups`` contiguous groups of sizes
+    differing by at most one (positions 0..m-1, not model indices)."""
+    m = len(members)
+    if not 1 <= groups <= m:
+        raise SplitError(f"cannot split {m} heads into {groups} trunk groups")
+    base, extra = divmod(m, groups)
+    out, start = [], 0
+    for g in range(groups):
+        size = base + (1 if g < extra else 0)
+        out.append(list(range(start, start + size)))
+        start += size
+    return out
 
 
 class HeadsParity(nn.Module):
@@ -89,7 +105,13 @@ class HeadsParity(nn.Module):
             self.trunk = trunk
             self.groups = None
         self.heads = nn.ModuleList(heads)
-        device = next((p.device for p in self.trunk.parameters()), torch.device("cpu"))
+        device = next(
+            itertools.chain(
+                (p.device for p in self.trunk.parameters()),
+                (p.device for h in self.heads for p in h.parameters()),
+            ),
+            torch.device("cpu"),
+        )
         self.register_buffer("log_weights", torch.log(w / w.sum()).float().to(device))
         self.members = [int(i) for i in members]
         self.split = split
@@ -234,13 +256,21 @@ def build_parity(model: nn.Module, structure: Mapping[str, Any]) -> HeadsParity:
     groups = structure.get("groups")
     if groups is not None and (
         not isinstance(groups, list)
+        or not 1 <= len(groups) <= len(members)
         or not all(
             isinstance(g, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in g)
             for g in groups
         )
-        or not 1 <= len(groups) <= len(members)
+        or groups != partition(members, len(groups))
     ):
-        raise SplitError(f"parity groups must be 1..{len(members)} lists of head positions, got {groups!r}")
+        # the encoder only builds heads.partition's contiguous groups; any other grouping
+        # (a permutation included) would load the trunks' tensors under the wrong heads
+        g = len(groups) if isinstance(groups, list) and 1 <= len(groups) <= len(members) else 2
+        raise SplitError(
+            f"parity groups must split the {len(members)} heads' positions into 1..{len(members)} "
+            f"contiguous groups as the encoder does (e.g. {partition(members, min(g, len(members)))}), "
+            f"got {str(groups)[:200]}"
+        )
     if groups is not None and rank is not None:
         raise SplitError("a parity with several trunks holds whole heads: rank must be null")
     if rank is None:
