@@ -118,3 +118,21 @@ def init_local_ray(num_cpus: int) -> None:
         except Exception as exc:
             if attempt == 2 or "timed out during startup" not in str(exc):
                 raise
+
+
+def perturbed_family(spec, k: int, seed: int = 0, spread: float = 0.3) -> list[nn.Module]:
+    """k models "fine-tuned" from one initialisation: copies of one model of ``spec``,
+    each parameter perturbed by ``spread`` times its mean magnitude."""
+    from coinfer import build_model
+
+    torch.manual_seed(seed)
+    base = build_model(spec).eval()
+    models = []
+    for _ in range(k):
+        m = build_model(spec).eval()
+        m.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(spread * torch.randn_like(p) * p.abs().mean())
+        models.append(m)
+    return models

@@ -12,26 +12,18 @@ import torch
 from torch import nn
 
 import coinfer.merge as merge
-from coinfer import Bundle, Code, build_model, encode
+from coinfer import Bundle, Code, encode
 from coinfer.encoders import METHODS, Method, build_coin
 from coinfer.errors import BundleError
 from coinfer.options import CoinOptions
+
+from .conftest import perturbed_family
 
 MLP = {"name": "mlp", "kwargs": {"in_features": 10, "hidden": [32, 16], "num_classes": 5}}
 
 
 def _family(k: int, seed: int = 0, spread: float = 0.5):
-    torch.manual_seed(seed)
-    base = build_model(MLP).eval()
-    models = []
-    for _ in range(k):
-        m = build_model(MLP).eval()
-        m.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(spread * torch.randn_like(p) * p.abs().mean())
-        models.append(m)
-    return models
+    return perturbed_family(MLP, k, seed, spread)
 
 
 def _bn_family(k: int, seed: int = 0):

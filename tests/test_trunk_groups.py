@@ -8,11 +8,13 @@ import json
 import pytest
 import torch
 
-from coinfer import Bundle, Code, build_model, encode
+from coinfer import Bundle, Code, encode
 from coinfer.errors import BundleError, OptionError, SplitError
 from coinfer.heads import partition
 from coinfer.parity import HeadsParity
 from coinfer.split import split_model
+
+from .conftest import perturbed_family
 
 MLP = {"name": "mlp", "kwargs": {"in_features": 10, "hidden": [32, 16], "num_classes": 5}}
 #: a trunk-heavy MLP: its last layer is a small share of the FLOPs, so one-trunk splits fit 1.25
@@ -20,18 +22,7 @@ WIDE = {"name": "mlp", "kwargs": {"in_features": 64, "hidden": [128, 64], "num_c
 
 
 def _family(k: int, seed: int = 0, spread: float = 0.3, spec=MLP):
-    """k models fine-tuned (perturbed) from one initialisation."""
-    torch.manual_seed(seed)
-    base = build_model(spec).eval()
-    models = []
-    for _ in range(k):
-        m = build_model(spec).eval()
-        m.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(spread * torch.randn_like(p) * p.abs().mean())
-        models.append(m)
-    return models
+    return perturbed_family(spec, k, seed, spread)
 
 
 def _mixture(models, row, x):

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from coinfer.checks import check_models
 from coinfer.code import Code
-from coinfer.merge import batchnorm_modules, coin_merge, finish_buffers, weighted_average
+from coinfer.merge import batchnorm_modules, coin_parities, weighted_average
 from coinfer.options import CoinOptions, DistillOptions, show_progress
 from coinfer.predict import predict_probs
 
@@ -42,12 +42,7 @@ def build_distill(models, code: Code, x, y, opts: DistillOptions):
     coded, fwd, bwd, info_extra = [], 0, 0, {}
     if opts.init == "coin":  # COIN's Fisher once for every row, its passes counted once per pass
         coin = CoinOptions(**opts.coin)
-        coin_models, info_extra = coin_merge(models, code.weights, x, y, coin)
-        n = info_extra["calibration_samples"]
-        for m, row in zip(coin_models, code.weights, strict=True):
-            finish_buffers(m, models, row, x[:n], coin.buffers)
-        if coin.buffers == "recompute":
-            info_extra["forward_passes"] += code.r * n
+        coin_models, info_extra = coin_parities(models, code.weights, x, y, coin, coin.buffers)
     for ri, row in enumerate(code.weights):
         target = torch.einsum("k,knc->nc", torch.tensor(row, dtype=probs.dtype, device=probs.device), probs)
         if isinstance(opts.init, nn.Module):

@@ -39,7 +39,7 @@ from coinfer.code import Code
 from coinfer.distill import build_distill
 from coinfer.heads import build_heads
 from coinfer.merge import (
-    coin_merge,
+    coin_parities,
     finish_buffers,
     fisher_weighted_average,
     recompute_batchnorm,
@@ -110,13 +110,7 @@ def register(name: str, options: type):
 # --------------------------------------------------------------------------- methods
 def build_coin(models, code: Code, x, y, opts: CoinOptions):
     """Fisher-weighted parameter averaging (COIN)."""
-    coded_models, info = coin_merge(models, code.weights, x, y, opts)
-    n = info["calibration_samples"]
-    for coded, row in zip(coded_models, code.weights, strict=True):
-        finish_buffers(coded, models, row, x[:n], opts.buffers)
-    if opts.buffers == "recompute":
-        info["forward_passes"] += code.r * n
-    return coded_models, info
+    return coin_parities(models, code.weights, x, y, opts, opts.buffers)
 
 
 def build_average(models, code: Code, x, y, opts: AverageOptions):

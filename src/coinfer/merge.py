@@ -43,6 +43,7 @@ __all__ = [
     "weighted_average",
     "fisher_weighted_average",
     "coin_merge",
+    "coin_parities",
     "model_fishers",
     "regmean_merge",
     "regmean_grams",
@@ -258,6 +259,25 @@ def coin_merge(
         fallback.append(n_fallback)
     info["fallback_entries"] = fallback
     return merged, info
+
+
+def coin_parities(
+    models: Sequence[nn.Module],
+    rows: Sequence[Sequence[float]],
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    opts: FisherOptions,
+    buffers: str = "recompute",
+) -> tuple[list[nn.Module], dict[str, Any]]:
+    """:func:`coin_merge` for every row, each merged model's buffers then set by
+    :func:`finish_buffers` (``buffers``); the passes of a BatchNorm recompute are counted."""
+    coded, info = coin_merge(models, rows, x, y, opts)
+    n = info["calibration_samples"]
+    for m, row in zip(coded, rows, strict=True):
+        finish_buffers(m, models, row, x[:n], buffers)
+    if buffers == "recompute":
+        info["forward_passes"] += len(rows) * n
+    return coded, info
 
 
 def num_classes(model: nn.Module, x: torch.Tensor) -> int:
