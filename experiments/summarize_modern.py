@@ -17,11 +17,24 @@ ROOT = Path(__file__).resolve().parent / "results"
 #: (config, the runs of the same data models with other methods)
 CONFIGS = [
     ("fashion_class-split_k2r1_vit", ["fashion_class-split_k2r1_vit_coin"]),
-    ("fashion_class-split_k4r1_vit", ["fashion_class-split_k4r1_vit_cost2"]),
+    (
+        "fashion_class-split_k4r1_vit",
+        ["fashion_class-split_k4r1_vit_cost2", "fashion_class-split_k4r1_vit_groups"],
+    ),
     ("mnist_class-split_k4r1_seed0", []),
     ("mnist_mlp_class-split_k4r1_seed0", []),
 ]
-FAMILIES = ["heads", "heads-polish", "heads-regmean", "heads-2.0", "distill-common", "coin-exact", "average", "base"]
+FAMILIES = [
+    "heads",
+    "heads-polish",
+    "heads-regmean",
+    "heads-2.0",
+    "heads-3.0",
+    "distill-common",
+    "coin-exact",
+    "average",
+    "base",
+]
 
 
 def _chosen(run: dict) -> dict[str, dict]:
@@ -37,13 +50,17 @@ def _cell(m: dict | None) -> str:
         return "–"
     rows = [r["reconstruction_acc"] for r in m.get("rows", [])]
     worst = f" / {min(rows):.3f}" if rows else ""
-    return f"{m['test']['reconstruction_acc']:.3f}{worst} ({m['parity_cost']:.2f}, {m['seconds']:.0f} s)"
+    groups = max(m.get("trunk_groups") or [1])
+    trunks = f", {groups} trunks" if groups > 1 else ""
+    return (
+        f"{m['test']['reconstruction_acc']:.3f}{worst} ({m['parity_cost']:.2f}, {m['seconds']:.0f} s{trunks})"
+    )
 
 
 def main() -> None:
     print(
-        "Test reconstruction, mean / worst erased model (parity cost, build seconds) of the variant "
-        "chosen on validation; seed 0; `–`: not run.\n"
+        "Test reconstruction, mean / worst erased model (parity cost, build seconds, and the number of "
+        "merged trunks where more than one) of the variant chosen on validation; seed 0; `–`: not run.\n"
     )
     print("| config | models' own-task acc | " + " | ".join(FAMILIES) + " |")
     print("|---|---|" + "---|" * len(FAMILIES))

@@ -14,13 +14,20 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent / "results"
-CONFIGS = ["mnist_class-split_k2r1", "mnist_class-split_k3r1", "mnist_class-split_k3r2", "fashion_class-split_k2r1"]
+CONFIGS = [
+    "mnist_class-split_k2r1",
+    "mnist_class-split_k3r1",
+    "mnist_class-split_k3r2",
+    "fashion_class-split_k2r1",
+]
 FAMILIES = ["heads", "heads-1.5"]
 
 
 def _chosen(path: Path) -> tuple[dict[str, dict], list[float]]:
     run = json.loads(path.read_text())
-    return {m["family"]: m for m in run["methods"] if m.get("chosen")}, [m["task_test_acc"] for m in run["models"]]
+    return {m["family"]: m for m in run["methods"] if m.get("chosen")}, [
+        m["task_test_acc"] for m in run["models"]
+    ]
 
 
 def main() -> None:
@@ -32,14 +39,19 @@ def main() -> None:
     print("| config | " + " | ".join(f"{f} (table) | {f} (now)" for f in FAMILIES) + " | same data models |")
     print("|---|" + "---|---|" * len(FAMILIES) + "---|")
     for name in CONFIGS:
-        old_p, new_p = ROOT / f"{name}_heads" / "seed0" / "results.json", ROOT / f"{name}_rerun" / "seed0" / "results.json"
+        old_p, new_p = (
+            ROOT / f"{name}_heads" / "seed0" / "results.json",
+            ROOT / f"{name}_rerun" / "seed0" / "results.json",
+        )
         if not (old_p.exists() and new_p.exists()):
             continue
         (old, acc_old), (new, acc_new) = _chosen(old_p), _chosen(new_p)
         cells = []
         for f in FAMILIES:
             for m in (old.get(f), new.get(f)):
-                cells.append("–" if m is None else f"{m['test']['reconstruction_acc']:.4f} ({m['parity_cost']:.2f})")
+                cells.append(
+                    "–" if m is None else f"{m['test']['reconstruction_acc']:.4f} ({m['parity_cost']:.2f})"
+                )
         same = "yes" if acc_old == acc_new else "no"
         print(f"| {name} | " + " | ".join(cells) + f" | {same} |")
 
