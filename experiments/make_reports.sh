@@ -29,3 +29,8 @@ python experiments/quote_table.py docs/results.md modern docs/results/modern_sum
 # the lead table's heads cells (seed 0) against a rerun of the same configs with the current code
 python experiments/summarize_regression.py > docs/results/regression_summary.md && echo docs/results/regression_summary.md
 python experiments/quote_table.py docs/results.md regression docs/results/regression_summary.md
+# corrupt workers (model coding, r = 2) and the Berrut code over queries
+python benchmarks/summarize_coding.py byzantine > docs/results/byzantine_summary.md
+python benchmarks/summarize_coding.py query > docs/results/query_summary.md
+python experiments/quote_table.py docs/results.md byzantine docs/results/byzantine_summary.md
+python experiments/quote_table.py docs/results.md query docs/results/query_summary.md
