@@ -109,3 +109,37 @@ def test_bad_answers_are_refused_naming_the_problem():
         code.locate({i: y for i in range(4)}, threshold=0)
     with pytest.raises(DecodeError, match="encode expects a \\(k=2"):
         code.encode(torch.zeros(3, 5))
+
+
+def test_parm_learns_the_sum_of_a_linear_models_answers_and_decodes_the_late_one():
+    from coinfer.query import parm_decode, train_parm
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)  # linear F: the exact parity is F itself (up to the bias)
+    x = torch.randn(600, 6)
+    parity = train_parm(model, x, 2, epochs=60, lr=1e-2, batch_size=64)
+    q = torch.randn(2, 50, 6)
+    with torch.no_grad():
+        f = [model(q[0]), model(q[1])]
+        rec = parm_decode(parity(q.sum(0)), [f[0]])
+    torch.testing.assert_close(rec, f[1], atol=0.05, rtol=0)
+    with pytest.raises(DecodeError, match="share the parity's shape"):
+        parm_decode(torch.zeros(4, 3), [torch.zeros(4, 2)])
+    with pytest.raises(DecodeError, match="k must be"):
+        train_parm(model, x, 0)
+
+
+def test_the_backup_student_is_distilled_toward_the_model():
+    from coinfer.query import train_backup
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    student = torch.nn.Linear(6, 4)
+    x = torch.randn(800, 6)
+    with torch.no_grad():
+        before = float((student(x).argmax(-1) == model(x).argmax(-1)).float().mean())
+    train_backup(model, student, x, epochs=30, lr=1e-2)
+    with torch.no_grad():
+        after = float((student(x).argmax(-1) == model(x).argmax(-1)).float().mean())
+    assert after > max(before, 0.8)
+    assert not student.training

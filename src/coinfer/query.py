@@ -23,6 +23,15 @@ approximate even when nothing is late.
 Decode logits, not probabilities: the interpolant of logits keeps the
 top-1 far more often (logits are smoother in the input than softmax is).
 
+**ParM** (Kosaian, Rashmi, Venkataraman, SOSP 2019), addition encoder: one
+parity model P of F's architecture, trained so that ``P(X_1 + .. + X_K) ≈
+Σ_i F(X_i)`` (logits, mean squared error); a late ``F(X_j)`` is read back as
+``P(Σ X) − Σ_{i≠j} F(X_i)`` (:func:`train_parm`, :func:`parm_decode`).
+
+**Cheap backup**: one extra worker runs a student K times cheaper than F on
+every query of the group, distilled from F (:func:`train_backup`); a late
+query's answer is the student's.
+
 **Locating a corrupt worker.** With two or more extra workers the answers are
 redundant: :meth:`BerrutCode.locate` leaves each worker out in turn,
 interpolates its answer from the others, and names the worker whose answer
@@ -33,15 +42,19 @@ typical one, exceeds a threshold (calibrated on clean answers, see
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+from torch import nn
+from tqdm.auto import tqdm
 
 from coinfer.errors import CodeError, DecodeError
+from coinfer.options import show_progress
 
-__all__ = ["BerrutCode", "berrut_weights", "chebyshev_points"]
+__all__ = ["BerrutCode", "berrut_weights", "chebyshev_points", "train_parm", "parm_decode", "train_backup"]
 
 #: Largest group size and worker count accepted (a bound on the matrices built).
 MAX_QUERIES = 256
@@ -219,3 +232,109 @@ class BerrutCode:
         best, idx = without.min(dim=0)
         named = torch.tensor(ws)[idx]
         return torch.where(full > threshold * best.clamp_min(1e-12), named, torch.full_like(named, -1))
+
+
+# --------------------------------------------------------------------------- learned codes
+def _groups_of(inputs: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """``(G, k, *shape)`` random groups of k inputs (a fresh draw each epoch)."""
+    perm = torch.randperm(len(inputs), generator=generator)
+    g = len(inputs) // k
+    return inputs[perm[: g * k]].reshape(g, k, *inputs.shape[1:])
+
+
+def _check_training(inputs: torch.Tensor, k: int, epochs: int, lr: float, batch_size: int) -> None:
+    if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point() or inputs.ndim < 2:
+        raise DecodeError("training inputs must be a floating (N, *input_shape) tensor")
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_QUERIES or len(inputs) < k:
+        raise DecodeError(f"k must be an integer in 1..{MAX_QUERIES} with at least k inputs, got k={k!r}")
+    if not isinstance(epochs, int) or epochs < 0 or not (isinstance(lr, int | float) and lr > 0):
+        raise DecodeError(f"epochs must be an integer >= 0 and lr > 0, got {epochs!r}, {lr!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise DecodeError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
+def train_parm(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    k: int,
+    *,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    init: nn.Module | None = None,
+    progress: bool | None = None,
+) -> nn.Module:
+    """ParM's parity model for the addition encoder: a copy of ``init`` (default:
+    ``model`` itself, a better start than random weights) trained with Adam so
+    that ``P(Σ_i X_i) ≈ Σ_i model(X_i)`` in logits (MSE), on random groups of
+    ``k`` of the unlabelled ``inputs``, a new grouping each epoch."""
+    _check_training(inputs, k, epochs, lr, batch_size)
+    model.eval()
+    parity = copy.deepcopy(init if init is not None else model).train()
+    optim = torch.optim.Adam(parity.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    steps = epochs * math.ceil((len(inputs) // k) / batch_size)
+    bar = tqdm(total=steps, desc=f"ParM parity (k={k})", disable=not show_progress(progress), leave=False)
+    for _ in range(epochs):
+        groups = _groups_of(inputs, k, g)
+        for s in range(0, len(groups), batch_size):
+            xb = groups[s : s + batch_size]  # (B, k, ...)
+            with torch.no_grad():
+                target = model(xb.flatten(0, 1)).reshape(len(xb), k, -1).sum(1)
+            loss = torch.nn.functional.mse_loss(parity(xb.sum(1)), target)
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+            bar.update(1)
+    bar.close()
+    return parity.eval()
+
+
+def parm_decode(parity_output: torch.Tensor, others: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The late query's logits: the parity's answer minus the other ``k − 1``
+    queries' answers (``P(Σ X) − Σ_{i≠j} F(X_i)``)."""
+    out = parity_output.clone()
+    for o in others:
+        if o.shape != parity_output.shape:
+            raise DecodeError(
+                f"answers must share the parity's shape {tuple(parity_output.shape)}, got {tuple(o.shape)}"
+            )
+        out = out - o
+    return out
+
+
+def train_backup(
+    model: nn.Module,
+    student: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> nn.Module:
+    """The cheap backup: ``student`` (a smaller network of the caller's choice)
+    distilled from ``model`` with Adam on the unlabelled ``inputs`` (cross-entropy
+    to the model's softmax); trained in place and returned in eval mode."""
+    _check_training(inputs, 1, epochs, lr, batch_size)
+    model.eval()
+    student.train()
+    optim = torch.optim.Adam(student.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    steps = epochs * math.ceil(len(inputs) / batch_size)
+    bar = tqdm(total=steps, desc="backup student", disable=not show_progress(progress), leave=False)
+    for _ in range(epochs):
+        perm = torch.randperm(len(inputs), generator=g)
+        for s in range(0, len(inputs), batch_size):
+            xb = inputs[perm[s : s + batch_size]]
+            with torch.no_grad():
+                target = torch.softmax(model(xb), -1)
+            loss = -(target * torch.log_softmax(student(xb), -1)).sum(-1).mean()
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+            bar.update(1)
+    bar.close()
+    return student.eval()
