@@ -280,6 +280,9 @@ class InjectRequest(BaseModel):
     p: float = 0.0
     alpha: float = 1.5
     fail_prob: float = 0.0
+    corrupt: str = Field(
+        "none", description="none, random (random probabilities) or other (another data worker's answer)."
+    )
 
 
 class WorkerRequest(BaseModel):
@@ -353,8 +356,10 @@ def build_admin_app(runtime: Runtime) -> FastAPI:
 
     @app.post("/admin/inject")
     async def inject(req: InjectRequest) -> dict[str, Any]:
-        """Set a delay model and failure probability on workers (kind none clears them)."""
-        inj = Injection(kind=req.kind, ms=req.ms, p=req.p, alpha=req.alpha, fail_prob=req.fail_prob)
+        """Set a delay model, failure probability and corruption on workers (all none clears them)."""
+        inj = Injection(
+            kind=req.kind, ms=req.ms, p=req.p, alpha=req.alpha, fail_prob=req.fail_prob, corrupt=req.corrupt
+        )
         runtime.set_injection(req.workers, inj)
         return runtime.state()
 

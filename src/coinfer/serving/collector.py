@@ -118,6 +118,10 @@ class Collection:
             rows after a decodable set had arrived (0 when there was no wait).
         cancelled_s: worker -> seconds its call had run when it was cancelled
             (a lower bound of its latency).
+        corrupt: worker -> how many of the batch's inputs its output was located
+            as corrupt on (``verify``); those inputs were answered from the others.
+        verified: with ``verify``, whether k + 2 rows arrived to check the
+            answer (``None``: not asked to verify).
     """
 
     outputs: torch.Tensor
@@ -129,6 +133,8 @@ class Collection:
     backups_sent: list[int]
     waited_s: float = 0.0
     cancelled_s: dict[int, float] = field(default_factory=dict)
+    corrupt: dict[int, int] = field(default_factory=dict)
+    verified: bool | None = None
 
 
 def check_probabilities(out: object, shape: tuple[int | None, int | None] = (None, None)) -> str | None:
@@ -330,6 +336,7 @@ async def collect(
     on_late: Callable[[int, float, BaseException | None], None] | None = None,
     slack: SlackPolicy | float = 0.0,
     shape: tuple[int | None, int | None] = (None, None),
+    verify: float | None = None,
 ) -> Collection:
     """Ask workers for their outputs; decode only the data rows that do not arrive in time.
 
@@ -359,6 +366,12 @@ async def collect(
             (0: decode as soon as a decodable set has arrived).
         shape: expected ``(B, C)`` of every output (``None``: any; the
             first accepted output then fixes it).
+        verify: locate corrupt outputs (:meth:`Code.locate` with this
+            threshold): the collector also waits, within the decode slack,
+            until ``k + 2`` rows are in; each input whose outputs name a corrupt
+            worker is answered from the other rows (``Collection.corrupt``).
+            Fewer than ``k + 2`` rows by then: answered unverified
+            (``Collection.verified`` False).
 
     Raises:
         BadWorkerOutput: outputs that are not probability vectors leave too
@@ -433,7 +446,8 @@ async def collect(
         seconds = time.perf_counter() - started[w]
         row = row_of[w]
         decodable = code.can_decode(list(received))
-        if row in received or (decodable and row >= code.k):
+        checking = verify is not None and len(received) < code.k + 2
+        if row in received or (decodable and row >= code.k and not checking):
             latency[w] = seconds
             return  # not needed: not checked either, never used
         if isinstance(out, list | tuple):
@@ -467,7 +481,10 @@ async def collect(
         while True:
             now = time.perf_counter()
             if code.can_decode(list(received)):
-                waiting = [j for j in range(code.k) if j not in received and j in reachable_rows()]
+                reach = reachable_rows()
+                waiting = [j for j in range(code.k) if j not in received and j in reach]
+                if verify is not None and len(received) < code.k + 2:  # rows still able to check it
+                    waiting += [j for j in sorted(reach - set(received)) if j >= code.k]
                 if decode_at is None:
                     decodable_at = now
                     if not waiting:
@@ -530,6 +547,18 @@ async def collect(
 
     outputs = code.decode(received, project=True)
     reconstructed = [j not in received for j in range(code.k)]
+    corrupt: dict[int, int] = {}
+    verified = None if verify is None else len(received) >= code.k + 2
+    if verified:
+        named = code.locate(received, verify)
+        for row in sorted(set(named.tolist()) - {-1}):
+            mask = named == row
+            rest = {r: v[mask] for r, v in received.items() if r != row}
+            outputs[:, mask] = code.decode(rest, project=True).to(outputs.dtype)
+            if row < code.k:
+                reconstructed[row] = True
+            worker = next(w for w, r in used.items() if r == row)
+            corrupt[worker] = int(mask.sum())
     if any(reconstructed):  # received rows were checked in accept
         why = check_probabilities(outputs.reshape(-1, outputs.shape[-1]))
         if why is not None:  # cannot happen with checked inputs and projection; never answer it
@@ -544,6 +573,8 @@ async def collect(
         backups_sent=backups_sent,
         waited_s=max(0.0, ended - decodable_at),
         cancelled_s=cancelled_s,
+        corrupt=corrupt,
+        verified=verified,
     )
 
 

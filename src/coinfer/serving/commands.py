@@ -90,6 +90,14 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(help="Largest accepted request body.")] = 8 * 1024 * 1024,
     trust_code: Annotated[bool, typer.Option("--trust-code", help=TRUST_CODE_HELP)] = False,
     max_condition: Annotated[float | None, typer.Option(help=MAX_CONDITION_HELP)] = None,
+    verify: Annotated[
+        float | None,
+        typer.Option(
+            help="Coded mode, r >= 2: locate a worker answering wrongly, with this residual threshold "
+            "(e.g. the 99th percentile of coinfer.Code.residual on clean validation outputs); each "
+            "request then waits, within the decode slack, for k + 2 outputs."
+        ),
+    ] = None,
     max_inflight: Annotated[
         int | None,
         typer.Option(
@@ -137,6 +145,7 @@ def serve(
         max_body_bytes=max_body_bytes,
         trust_code=trust_code,
         max_condition=max_condition,
+        verify=verify,
         max_inflight=max_inflight,
         max_body_readers=max_body_readers,
         body_timeout_s=body_timeout,

@@ -112,6 +112,9 @@ class ServeConfig:
         trust_code: allow a bundle whose architecture is code
             (``package.module:factory``), imported and called in every worker;
             without it such a bundle is refused before any worker starts.
+        verify: coded mode: locate a corrupt worker's output with this residual
+            threshold (:meth:`coinfer.Code.locate`; needs r >= 2: each request then
+            waits, within the decode slack, for k + 2 outputs). ``None``: off.
         max_condition: largest decoding condition number accepted (default
             1e6); the manifest's recorded limit can only lower it.
         body_timeout_s: longest time to receive a request body (then HTTP 408).
@@ -146,6 +149,7 @@ class ServeConfig:
     injections: dict[int, Injection] = field(default_factory=dict)
     trust_code: bool = False
     max_condition: float | None = None
+    verify: float | None = None
 
     def __post_init__(self) -> None:
         self.bundle = Path(self.bundle)
@@ -166,6 +170,8 @@ class ServeConfig:
         _number("degraded_timeout_s", self.degraded_timeout_s, positive=True)
         _number("body_timeout_s", self.body_timeout_s, positive=True)
         _number("decode_slack_max_ms", self.decode_slack_max_ms, positive=False)
+        if self.verify is not None:
+            self.verify = _number("verify", self.verify, positive=True)
         for name in ("max_inflight", "max_body_readers"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

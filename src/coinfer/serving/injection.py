@@ -14,6 +14,11 @@ Delay models (milliseconds):
 * ``heavy``: with probability ``p`` a Pareto delay ``ms * (U ** (-1 / alpha))``
   (heavy-tailed, minimum ``ms``), otherwise none.
 
+A worker may also answer *wrongly*, with well-formed outputs (``corrupt``):
+``random`` (random probabilities) or ``other`` (the answer of another data
+worker to the same input: worker j's of data row j + 1, a parity's of row 0).
+The frontend applies it to the answer as it arrives.
+
 A spec string, as used by the ``--delay`` flag: ``constant:20``,
 ``exponential:5``, ``heavy:50:0.05`` (``ms:p``, ``alpha`` 1.5) or
 ``heavy:50:0.05:2.0`` (``ms:p:alpha``).
@@ -27,9 +32,10 @@ from typing import Any
 
 from coinfer.errors import CoinferError
 
-__all__ = ["Injection", "InjectedFailure", "parse_delay", "DELAY_KINDS"]
+__all__ = ["Injection", "InjectedFailure", "parse_delay", "DELAY_KINDS", "CORRUPT_KINDS"]
 
 DELAY_KINDS = ("none", "constant", "exponential", "heavy")
+CORRUPT_KINDS = ("none", "random", "other")
 
 
 class InjectedFailure(RuntimeError):
@@ -46,6 +52,7 @@ class Injection:
         p: probability of a heavy-tailed delay (``heavy`` only).
         alpha: Pareto shape of the heavy tail (smaller: heavier).
         fail_prob: probability that a request to this worker fails.
+        corrupt: ``none``, ``random`` or ``other``: well-formed wrong answers.
     """
 
     kind: str = "none"
@@ -53,6 +60,7 @@ class Injection:
     p: float = 0.0
     alpha: float = 1.5
     fail_prob: float = 0.0
+    corrupt: str = "none"
 
     def __post_init__(self) -> None:
         if self.kind not in DELAY_KINDS:
@@ -65,10 +73,12 @@ class Injection:
             raise CoinferError(f"Pareto alpha must be > 0, got {self.alpha!r}")
         if not 0 <= self.fail_prob <= 1:
             raise CoinferError(f"fail_prob must be in [0, 1], got {self.fail_prob!r}")
+        if self.corrupt not in CORRUPT_KINDS:
+            raise CoinferError(f"corrupt must be one of {list(CORRUPT_KINDS)}, got {self.corrupt!r}")
 
     @property
     def active(self) -> bool:
-        return (self.kind != "none" and self.ms > 0) or self.fail_prob > 0
+        return (self.kind != "none" and self.ms > 0) or self.fail_prob > 0 or self.corrupt != "none"
 
     def sample_delay_s(self, rng: random.Random) -> float:
         """One delay in seconds."""
@@ -89,13 +99,13 @@ class Injection:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Injection:
-        unknown = set(d) - {"kind", "ms", "p", "alpha", "fail_prob"}
+        unknown = set(d) - {"kind", "ms", "p", "alpha", "fail_prob", "corrupt"}
         if unknown:
             raise CoinferError(
-                f"unknown injection fields {sorted(unknown)}; expected kind, ms, p, alpha, fail_prob"
+                f"unknown injection fields {sorted(unknown)}; expected kind, ms, p, alpha, fail_prob, corrupt"
             )
         try:
-            return cls(**{k: (str(v) if k == "kind" else float(v)) for k, v in d.items()})
+            return cls(**{k: (str(v) if k in ("kind", "corrupt") else float(v)) for k, v in d.items()})
         except (TypeError, ValueError) as exc:
             raise CoinferError(f"invalid injection {d}: {exc}") from None
 

@@ -93,6 +93,27 @@ class Metrics:
             ["worker"],
             registry=reg,
         )
+        self._byzantine = Counter(
+            "coinfer_byzantine_detected_total",
+            "Inputs on which a worker's output was located as corrupt (answered from the others).",
+            ["worker"],
+            registry=reg,
+        )
+        self._unverified = Counter(
+            "coinfer_unverified_total",
+            "Requests asked to verify their outputs that had fewer than k + 2 of them in time.",
+            ["mode"],
+            registry=reg,
+        )
+
+    def byzantine(self, worker: int, count: int) -> None:
+        """``count`` inputs on which ``worker``'s output was located as corrupt."""
+        if count:
+            self._child(self._byzantine, str(worker)).inc(count)
+
+    def unverified(self, mode: str) -> None:
+        """A request asked to verify its outputs that had fewer than k + 2 of them."""
+        self._child(self._unverified, mode).inc()
 
     def _child(self, metric, *labels: str):
         """``metric.labels(*labels)``, looked up once (the request path calls this per worker call)."""

@@ -308,7 +308,61 @@ class Runtime(AdminActions):
             fut.set_exception(exc)
             return fut
         fut.add_done_callback(functools.partial(self._after_call, w))
+        if inj is not None and inj.corrupt != "none":
+            return self._corrupted(w, x, fut, inj.corrupt)
         return fut
+
+    def _corrupted(self, w: int, x: np.ndarray, fut: asyncio.Future, kind: str) -> asyncio.Future:
+        """Worker ``w``'s call ``fut``, its answer replaced on arrival by a well-formed wrong
+        one (injected): random probabilities, or the answer of another data worker to ``x``
+        (row j + 1's for data row j, row 0's for a parity). Cancelling it cancels both calls."""
+        loop = asyncio.get_running_loop()
+        out = loop.create_future()
+        other = None
+        if kind == "other":
+            row = self.row_of[w]
+            src = (row + 1) % self.code.k if row < self.code.k else 0
+            try:
+                other = self._channel(src).submit(x)
+            except WorkerCallError as exc:
+                out.set_exception(exc)
+                fut.cancel()
+                return out
+        seed = self._rngs[w].getrandbits(32)
+
+        def finish(_: asyncio.Future) -> None:
+            if out.done() or not fut.done():
+                return
+            if fut.cancelled() or fut.exception() is not None:  # the worker's own failure stands
+                if fut.cancelled():
+                    out.cancel()
+                else:
+                    out.set_exception(fut.exception())
+                if other is not None:
+                    other.cancel()
+                return
+            if other is None:
+                shape = np.shape(fut.result())
+                e = np.random.default_rng(seed).exponential(size=shape).astype(np.float32)
+                out.set_result(e / e.sum(axis=-1, keepdims=True))
+            elif other.done():
+                if other.cancelled() or other.exception() is not None:
+                    out.set_result(fut.result())  # nothing to corrupt with: its own answer
+                else:
+                    out.set_result(np.array(other.result(), dtype=np.float32, copy=True))
+
+        fut.add_done_callback(finish)
+        if other is not None:
+            other.add_done_callback(finish)
+
+        def cancelled(o: asyncio.Future) -> None:
+            if o.cancelled():
+                fut.cancel()
+                if other is not None:
+                    other.cancel()
+
+        out.add_done_callback(cancelled)
+        return out
 
     def _after_call(self, w: int, fut: asyncio.Future) -> None:
         if fut.cancelled():
@@ -393,6 +447,7 @@ class Runtime(AdminActions):
                 on_late=lambda w, s, exc: self._late(w, s, exc, rows),
                 slack=self.slack_policy(),
                 shape=(rows, len(self.class_names) if self.class_names else None),
+                verify=self.config.verify if mode == "coded" else None,
             )
         except CollectError as exc:
             self._account(mode, rows, t0, exc, timeout, _running(probes))
@@ -478,15 +533,19 @@ class Runtime(AdminActions):
         if isinstance(outcome, Collection):
             m.request(mode, "ok", time.perf_counter() - t0)
             m.reconstructed(mode, sum(outcome.reconstructed))
+            if outcome.verified is False:
+                m.unverified(mode)
         elif isinstance(outcome, CollectTimeout):
             m.timeout(mode)
             m.request(mode, "timeout")
         else:
             m.request(mode, "failed")
+        corrupt = getattr(outcome, "corrupt", {})
         for w, s in outcome.latency_s.items():
             m.worker(w, s)
             self.latency.observe(w, s, rows)
-            self.health.success(w)
+            if w not in corrupt:  # an answer located as corrupt is not a success
+                self.health.success(w)
         for w, s in outcome.cancelled_s.items():
             if w in running_on:
                 continue
@@ -497,6 +556,9 @@ class Runtime(AdminActions):
             m.worker(w, None, failed=True)
             if w not in self.down:  # down workers are not asked; /healthz reports them apart
                 self.health.failure(w, reason)
+        for w, count in corrupt.items():
+            m.byzantine(w, count)
+            self.health.failure(w, f"corrupt output located on {count} of {rows} inputs")
         if isinstance(outcome, CollectTimeout):
             for w in outcome.pending:
                 if w in running_on:
