@@ -171,3 +171,33 @@ def test_a_bad_corrupt_kind_or_verify_value_is_refused_by_name(tmp_path):
     assert Injection.from_dict({"corrupt": "other"}).active
     with pytest.raises(CoinferError, match="verify must be > 0"):
         _runtime_k2r2(tmp_path, verify=0.0)
+
+
+def test_over_http_an_injected_corrupt_worker_is_located_and_counted(tmp_path):
+    import httpx
+
+    from coinfer.serving.app import build_admin_app, build_app
+
+    rt = _runtime_k2r2(tmp_path, verify=0.05, decode_slack=200.0)
+    clean = _outputs(rt.code, batch=1, classes=3)
+    rt._channel = lambda w: _FakeChannel(clean, rt.row_of[w])
+    app, admin = build_app(rt), build_admin_app(rt)
+
+    async def main():
+        tr = httpx.ASGITransport(app=admin, client=("127.0.0.1", 5000))
+        async with httpx.AsyncClient(transport=tr, base_url="http://127.0.0.1") as c:
+            r = await c.post("/admin/inject", json={"workers": [1], "corrupt": "random"})
+            assert r.status_code == 200, r.text
+            bad = await c.post("/admin/inject", json={"workers": [1], "corrupt": "nonsense"})
+            assert bad.status_code == 422 and "corrupt must be one of" in bad.text, bad.text
+        tr = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
+        async with httpx.AsyncClient(transport=tr, base_url="http://127.0.0.1") as c:
+            r = await c.post("/v1/predict", json={"inputs": [1, 2, 3, 4]})
+            assert r.status_code == 200, r.text
+            metrics = (await c.get("/metrics")).text
+        return r.json(), metrics
+
+    body, metrics = asyncio.run(main())
+    top1 = [m["top1"] for m in body["outputs"]]
+    assert top1 == [[int(clean[j, 0].argmax())] for j in range(2)]  # the clean answers, worker 1's included
+    assert 'coinfer_byzantine_detected_total{worker="1"} 1.0' in metrics

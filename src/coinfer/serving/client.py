@@ -193,7 +193,7 @@ class AdminClient:
         return resp.json()
 
     def inject(self, workers: list[int] | None = None, **injection: Any) -> dict[str, Any]:
-        """Set ``kind``, ``ms``, ``p``, ``alpha``, ``fail_prob`` on ``workers`` (None: all)."""
+        """Set ``kind``, ``ms``, ``p``, ``alpha``, ``fail_prob``, ``corrupt`` on ``workers`` (None: all)."""
         return self._post("/admin/inject", {"workers": workers, **injection})
 
     def clear(self) -> dict[str, Any]:

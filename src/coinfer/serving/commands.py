@@ -450,12 +450,17 @@ def _admin_app() -> typer.Typer:
         delay: Annotated[str, typer.Argument(help="none, constant:MS, exponential:MS, heavy:MS:P[:ALPHA].")],
         workers: Annotated[str, typer.Option(help="Comma-separated workers or 'all'.")] = "all",
         fail_prob: Annotated[float, typer.Option(help="Failure probability.")] = 0.0,
+        corrupt: Annotated[
+            str, typer.Option(help="Well-formed wrong answers: none, random, or other (another data worker's).")
+        ] = "none",
         url: Annotated[str, _URL_OPT] = "http://127.0.0.1:8001",
     ) -> None:
-        """Set a delay model (and failure probability) on workers."""
+        """Set a delay model (and failure probability, corruption) on workers."""
+        import dataclasses
+
         from coinfer.serving.injection import parse_delay
 
-        inj = parse_delay(delay, fail_prob)
+        inj = dataclasses.replace(parse_delay(delay, fail_prob), corrupt=corrupt)
         print(json.dumps(client(url).inject(_parse_workers(workers), **inj.to_dict()), indent=1))
 
     @admin.command("kill")
