@@ -181,7 +181,8 @@ def run(config: Path, ks: list[int], limit: int | None, epochs: int) -> dict:
             f"{cfg.dataset} K={k}: agreement {row['agreement']:.3f} (late query {row['agreement_late_query']:.3f}), "
             f"degraded acc {row['degraded_accuracy']:.3f} / base {out['base_accuracy']:.3f}; "
             f"N=K+2 locate {row['locate_n_k_plus_2']['located']:.3f} at "
-            f"{row['locate_n_k_plus_2']['false_alarms']:.3f} false alarms"
+            f"{row['locate_n_k_plus_2']['false_alarms']:.3f} false alarms; the late query: ParM "
+            f"{row['parm']['agreement_late_query']:.3f}, backup {row['backup']['agreement_late_query']:.3f}"
         )
     return out
 
@@ -204,7 +205,8 @@ def main() -> None:
             "threads": args.threads,
             "processor": platform.processor() or platform.machine(),
         },
-        "runs": [run(c, ks, args.limit) for c in args.configs],
+        "epochs": args.epochs,
+        "runs": [run(c, ks, args.limit, args.epochs) for c in args.configs],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1))
