@@ -36,21 +36,31 @@ def byzantine() -> None:
 def query() -> None:
     res = json.loads((RESULTS / "query_coding.json").read_text())
     print(
-        "Berrut code over groups of K test queries, N = K + 1 workers, one late (mean over which); "
-        "agreement = decoded top-1 equals the model's own.\n"
+        "Groups of K test queries, one extra worker, one worker late. Berrut: N = K + 1 workers, the "
+        "mean over which one is late; agreement = the decoded top-1 equals the model's own. ParM and the "
+        f"backup ({res.get('epochs', '?')} training epochs each): a data worker late, the late query's "
+        "agreement.\n"
     )
     print(
-        "| dataset | base accuracy | K | agreement, all queries | agreement, the late query | "
-        "degraded accuracy (/ base) | N = K + 2: corrupt worker located | false alarms |"
+        "| dataset | base accuracy | K | Berrut: all queries | Berrut: the late query | Berrut: degraded "
+        "accuracy (/ base) | ParM: the late query | backup: the late query (its FLOPs share) | "
+        "Berrut N = K + 2: corrupt located (false alarms) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for run in res["runs"]:
         for r in run["rows"]:
             loc = r["locate_n_k_plus_2"]
+            parm, backup = r.get("parm"), r.get("backup")
+            p = "–" if parm is None else f"{parm['agreement_late_query']:.3f}"
+            b = (
+                "–"
+                if backup is None
+                else f"{backup['agreement_late_query']:.3f} ({backup['student_flops_share']:.2f})"
+            )
             print(
                 f"| {run['dataset']} | {run['base_accuracy']:.3f} | {r['k']} | {r['agreement']:.3f} | "
                 f"{r['agreement_late_query']:.3f} | {r['degraded_accuracy']:.3f} ({r['degraded_over_base']:.2f}) | "
-                f"{loc['located']:.3f} | {loc['false_alarms']:.3f} |"
+                f"{p} | {b} | {loc['located']:.3f} ({loc['false_alarms']:.3f}) |"
             )
 
 
