@@ -375,7 +375,9 @@ def test_bad_options_are_refused_before_any_work(monkeypatch, opts, words):
 def test_untraceable_model_is_refused_before_the_fisher(monkeypatch):
     import coinfer.merge as merge
 
-    monkeypatch.setattr(merge, "diagonal_fisher", lambda *a, **k: (_ for _ in ()).throw(AssertionError("work")))
+    monkeypatch.setattr(
+        merge, "diagonal_fisher", lambda *a, **k: (_ for _ in ()).throw(AssertionError("work"))
+    )
     with pytest.raises(SplitError, match="could not trace"):
         encode([_Branchy(), _Branchy()], Code(2, 1), torch.randn(10, 4), method="heads", split="fc")
 

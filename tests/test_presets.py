@@ -176,7 +176,9 @@ def _fake_heads(models, code, x, y, opts):
 
 @pytest.fixture
 def heads_registered(monkeypatch):
-    monkeypatch.setitem(METHODS, "heads", Method("heads", options=_HeadsOptions, fn=_fake_heads, doc="fake heads"))
+    monkeypatch.setitem(
+        METHODS, "heads", Method("heads", options=_HeadsOptions, fn=_fake_heads, doc="fake heads")
+    )
     line = Preset(
         "heads",
         {"trunk": "coin", "refit": True},

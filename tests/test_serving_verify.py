@@ -198,6 +198,7 @@ def test_over_http_an_injected_corrupt_worker_is_located_and_counted(tmp_path):
         return r.json(), metrics
 
     body, metrics = asyncio.run(main())
+    assert body["workers"]["corrupt"] == {"1": 1} and body["workers"]["verified"] is True
     top1 = [m["top1"] for m in body["outputs"]]
     assert top1 == [[int(clean[j, 0].argmax())] for j in range(2)]  # the clean answers, worker 1's included
     assert 'coinfer_byzantine_detected_total{worker="1"} 1.0' in metrics

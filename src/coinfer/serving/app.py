@@ -35,7 +35,10 @@ class PredictResponse(BaseModel):
     mode: str
     batch: int
     outputs: list[ModelOutput]
-    workers: dict[str, Any] = Field(description="used (worker: row), failed (worker: reason), late.")
+    workers: dict[str, Any] = Field(
+        description="used (worker: row), failed (worker: reason), late; with --verify also corrupt "
+        "(worker: inputs located as corrupt) and verified (whether k + 2 outputs were checked)."
+    )
     latency_ms: float
 
 
@@ -92,6 +95,11 @@ def predict_reply(
             "used": {str(w): r for w, r in res.used.items()},
             "failed": {str(w): r for w, r in res.failed.items()},
             "late": res.late,
+            **(
+                {"corrupt": {str(w): c for w, c in res.corrupt.items()}, "verified": res.verified}
+                if getattr(res, "verified", None) is not None
+                else {}
+            ),
         },
     }
 

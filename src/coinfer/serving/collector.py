@@ -381,6 +381,12 @@ async def collect(
         CollectTimeout: no decodable set within ``timeout_s``; names the
             workers that did not answer.
     """
+    if verify is not None and (
+        isinstance(verify, bool)
+        or not isinstance(verify, int | float)
+        or not (math.isfinite(verify) and verify > 0)
+    ):
+        raise CoinferError(f"verify must be a positive finite residual threshold, got {verify!r}")
     policy = slack if isinstance(slack, SlackPolicy) else SlackPolicy(float(slack))
     down = dict(down or {})
     want = list(shape)
@@ -483,7 +489,7 @@ async def collect(
             if code.can_decode(list(received)):
                 reach = reachable_rows()
                 waiting = [j for j in range(code.k) if j not in received and j in reach]
-                if verify is not None and len(received) < code.k + 2:  # rows still able to check it
+                if verify is not None and len(received) < code.k + 2 <= len(reach):  # k + 2 can still arrive
                     waiting += [j for j in sorted(reach - set(received)) if j >= code.k]
                 if decode_at is None:
                     decodable_at = now

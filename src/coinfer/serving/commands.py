@@ -451,7 +451,8 @@ def _admin_app() -> typer.Typer:
         workers: Annotated[str, typer.Option(help="Comma-separated workers or 'all'.")] = "all",
         fail_prob: Annotated[float, typer.Option(help="Failure probability.")] = 0.0,
         corrupt: Annotated[
-            str, typer.Option(help="Well-formed wrong answers: none, random, or other (another data worker's).")
+            str,
+            typer.Option(help="Well-formed wrong answers: none, random, or other (another data worker's)."),
         ] = "none",
         url: Annotated[str, _URL_OPT] = "http://127.0.0.1:8001",
     ) -> None:
