@@ -34,3 +34,6 @@ python benchmarks/summarize_coding.py byzantine > docs/results/byzantine_summary
 python benchmarks/summarize_coding.py query > docs/results/query_summary.md
 python experiments/quote_table.py docs/results.md byzantine docs/results/byzantine_summary.md
 python experiments/quote_table.py docs/results.md query docs/results/query_summary.md
+# ResNet-20 at full width on CIFAR-10
+python experiments/summarize_run.py cifar10_class-split_k2r1_resnet20 > docs/results/resnet20_summary.md
+python experiments/quote_table.py docs/results.md resnet20 docs/results/resnet20_summary.md
