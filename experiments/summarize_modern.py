@@ -21,6 +21,7 @@ CONFIGS = [
         "fashion_class-split_k4r1_vit",
         ["fashion_class-split_k4r1_vit_cost2", "fashion_class-split_k4r1_vit_groups"],
     ),
+    ("cifar10_class-split_k2r1_vit", []),
     ("mnist_class-split_k4r1_seed0", []),
     ("mnist_mlp_class-split_k4r1_seed0", []),
 ]
