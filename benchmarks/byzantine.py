@@ -29,17 +29,13 @@ from pathlib import Path
 
 import torch
 
-from coinfer import Code, encode
+from coinfer import Code, encode, predict_probs
 from coinfer.experiments.config import load_config
 from coinfer.experiments.run import prepare_data, train_models
 
 
-@torch.no_grad()
 def _probs(models, x: torch.Tensor) -> dict[int, torch.Tensor]:
-    return {
-        i: torch.cat([torch.softmax(m(x[s : s + 1000]), -1) for s in range(0, len(x), 1000)]).double()
-        for i, m in enumerate(models)
-    }
+    return {i: predict_probs(m, x).double() for i, m in enumerate(models)}
 
 
 def _corrupt(kind: str, bad: int, outs: dict[int, torch.Tensor], k: int, g: torch.Generator) -> torch.Tensor:

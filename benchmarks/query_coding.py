@@ -65,14 +65,7 @@ def _answers(model, code: BerrutCode, queries: torch.Tensor, batch: int = 1000) 
 
 
 def _locate_rates(code: BerrutCode, answers: dict[int, torch.Tensor], seed: int = 0) -> dict[str, float]:
-    def score(ans):
-        ws = sorted(ans)
-        full = code.consistency(ans)
-        without = torch.stack([code.consistency({w: ans[w] for w in ws if w != c}) for c in ws])
-        best, idx = without.min(0)
-        return full / best.clamp_min(1e-12), torch.tensor(ws)[idx]
-
-    clean, _ = score(answers)
+    clean, _ = code.inconsistency(answers)
     thr = float(torch.quantile(clean, 0.99))
     g = torch.Generator().manual_seed(seed)
     located = []
@@ -80,7 +73,7 @@ def _locate_rates(code: BerrutCode, answers: dict[int, torch.Tensor], seed: int 
         corrupt = dict(answers)
         y = answers[bad]
         corrupt[bad] = torch.randn(y.shape, generator=g, dtype=y.dtype) * y.std() + y.mean()
-        r, who = score(corrupt)
+        r, who = code.inconsistency(corrupt)
         located.append(float(((r > thr) & (who == bad)).double().mean()))
     return {
         "threshold": thr,

@@ -20,7 +20,7 @@ from coinfer.merge import batchnorm_modules, coin_parities, weighted_average
 from coinfer.options import CoinOptions, DistillOptions, show_progress
 from coinfer.predict import predict_probs
 
-__all__ = ["build_distill"]
+__all__ = ["build_distill", "train_toward"]
 
 
 def _reset_parameters(model: nn.Module, seed: int) -> None:
@@ -28,6 +28,43 @@ def _reset_parameters(model: nn.Module, seed: int) -> None:
     for m in model.modules():
         if hasattr(m, "reset_parameters") and m is not model:
             m.reset_parameters()
+
+
+def train_toward(
+    student: nn.Module,
+    data: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    desc: str = "distill",
+    progress: bool | None = None,
+) -> nn.Module:
+    """Train ``student`` in place with Adam to minimise the cross-entropy to the
+    soft targets ``target`` (``(N, C)`` probabilities of ``data``), shuffled by
+    ``seed``; returned in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    optim = torch.optim.Adam(student.parameters(), lr=lr, weight_decay=weight_decay)
+    student.train()
+    steps = epochs * math.ceil(len(data) / batch_size)
+    bar = tqdm(total=steps, desc=desc, disable=not show_progress(progress), leave=False)
+    skip_singletons = bool(batchnorm_modules(student))  # BatchNorm cannot train on one sample
+    for _ in range(epochs):
+        perm = torch.randperm(len(data), generator=g)
+        for s in range(0, len(data), batch_size):
+            idx = perm[s : s + batch_size]
+            if len(idx) < 2 and skip_singletons:
+                continue
+            loss = -(target[idx] * torch.log_softmax(student(data[idx]), dim=-1)).sum(-1).mean()
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+            bar.update(1)
+    bar.close()
+    return student.eval()
 
 
 def build_distill(models, code: Code, x, y, opts: DistillOptions):
@@ -57,27 +94,18 @@ def build_distill(models, code: Code, x, y, opts: DistillOptions):
         else:
             raise ValueError(f"init must be an nn.Module or 'random', 'average', 'coin', got {opts.init!r}")
         check_models([models[0], student])
-        g = torch.Generator().manual_seed(opts.seed + ri)
-        optim = torch.optim.Adam(student.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
-        student.train()
-        steps = opts.epochs * math.ceil(len(data) / opts.batch_size)
-        bar = tqdm(
-            total=steps, desc=f"distill parity {ri}", disable=not show_progress(opts.progress), leave=False
+        train_toward(
+            student,
+            data,
+            target,
+            epochs=opts.epochs,
+            lr=opts.lr,
+            weight_decay=opts.weight_decay,
+            batch_size=opts.batch_size,
+            seed=opts.seed + ri,
+            desc=f"distill parity {ri}",
+            progress=opts.progress,
         )
-        for _ in range(opts.epochs):
-            perm = torch.randperm(len(data), generator=g)
-            for s in range(0, len(data), opts.batch_size):
-                idx = perm[s : s + opts.batch_size]
-                if len(idx) < 2 and batchnorm_modules(student):
-                    continue
-                logp = torch.log_softmax(student(data[idx]), dim=-1)
-                loss = -(target[idx] * logp).sum(-1).mean()
-                optim.zero_grad()
-                loss.backward()
-                optim.step()
-                bar.update(1)
-        bar.close()
-        student.eval()
         coded.append(student)
         fwd += opts.epochs * len(data)
         bwd += opts.epochs * len(data)

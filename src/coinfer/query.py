@@ -52,8 +52,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from coinfer.distill import train_toward
 from coinfer.errors import CodeError, DecodeError
 from coinfer.options import show_progress
+from coinfer.predict import predict_probs
 
 __all__ = ["BerrutCode", "berrut_weights", "chebyshev_points", "train_parm", "parm_decode", "train_backup"]
 
@@ -183,12 +185,8 @@ class BerrutCode:
         d = self.decoding_matrix(ws).to(
             dtype=y.dtype if y.is_floating_point() else torch.float64, device=y.device
         )
-        out = torch.einsum("ki,i...->k...", d, y.to(d.dtype))
-        # a systematic worker's own answer is returned as it came (not a float sum of zeros)
-        for j in range(self.k):
-            if self.systematic and j in answers:
-                out[j] = answers[j].to(out.dtype)
-        return out
+        # a systematic worker's row of D is exactly one 1 and zeros: its answer comes back as it came
+        return torch.einsum("ki,i...->k...", d, y.to(d.dtype))
 
     # ------------------------------------------------------------------ corruption
     def residuals(self, answers: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -223,6 +221,13 @@ class BerrutCode:
         relative test: answers of any scale). Needs ``len(answers) ≥ k + 2``."""
         if not isinstance(threshold, int | float) or isinstance(threshold, bool) or not threshold > 0:
             raise DecodeError(f"threshold must be a positive number, got {threshold!r}")
+        score, suspect = self.inconsistency(answers)
+        return torch.where(score > threshold, suspect, torch.full_like(suspect, -1))
+
+    def inconsistency(self, answers: Mapping[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample, the score :meth:`locate` compares with its threshold (how many
+        times less consistent the full set is than the best set without one worker)
+        and that worker; calibrate the threshold on clean answers' scores."""
         if len(answers) < self.k + 2:
             raise DecodeError(
                 f"locating a corrupt worker needs at least k + 2 = {self.k + 2} answers, got {len(answers)}"
@@ -231,8 +236,7 @@ class BerrutCode:
         full = self.consistency(answers)
         without = torch.stack([self.consistency({w: answers[w] for w in ws if w != c}) for c in ws])
         best, idx = without.min(dim=0)
-        named = torch.tensor(ws, device=idx.device)[idx]
-        return torch.where(full > threshold * best.clamp_min(1e-12), named, torch.full_like(named, -1))
+        return full / best.clamp_min(1e-12), torch.tensor(ws, device=idx.device)[idx]
 
 
 # --------------------------------------------------------------------------- learned codes
@@ -320,22 +324,16 @@ def train_backup(
     distilled from ``model`` with Adam on the unlabelled ``inputs`` (cross-entropy
     to the model's softmax); trained in place and returned in eval mode."""
     _check_training(inputs, 1, epochs, lr, batch_size)
-    model.eval()
-    student.train()
-    optim = torch.optim.Adam(student.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    steps = epochs * math.ceil(len(inputs) / batch_size)
-    bar = tqdm(total=steps, desc="backup student", disable=not show_progress(progress), leave=False)
-    for _ in range(epochs):
-        perm = torch.randperm(len(inputs), generator=g)
-        for s in range(0, len(inputs), batch_size):
-            xb = inputs[perm[s : s + batch_size]]
-            with torch.no_grad():
-                target = torch.softmax(model(xb), -1)
-            loss = -(target * torch.log_softmax(student(xb), -1)).sum(-1).mean()
-            optim.zero_grad()
-            loss.backward()
-            optim.step()
-            bar.update(1)
-    bar.close()
-    return student.eval()
+    with torch.no_grad():
+        target = predict_probs(model, inputs)
+    return train_toward(
+        student,
+        inputs,
+        target,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        desc="backup student",
+        progress=progress,
+    )
