@@ -152,6 +152,7 @@ class Code:
         self._generator.setflags(write=False)
         self._inverse_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self._np_inverse_cache: dict[tuple[tuple[int, ...], tuple[int, ...], type], np.ndarray] = {}
+        self._residual_cache: dict[tuple[int, ...], torch.Tensor] = {}  # rows -> I - G pinv(G)
 
     # ------------------------------------------------------------------ validation
     def _validate_weights(self, weights) -> np.ndarray:
@@ -437,9 +438,11 @@ class Code:
         y = torch.stack([v.to(dtype) for v in ys])  # (S, B, C)
         if not torch.isfinite(y).all():
             raise _nonfinite([i for i, v in zip(ws, ys, strict=True) if not torch.isfinite(v).all()])
-        g = torch.from_numpy(self._generator[ws]).to(dtype=dtype, device=y.device)  # (S, k)
-        p = torch.linalg.pinv(g) @ y.reshape(len(ws), -1)  # (k, B*C)
-        res = (g @ p - y.reshape(len(ws), -1)).reshape(y.shape)
+        proj = self._residual_cache.get(tuple(ws))
+        if proj is None:  # the projection onto what no set of data outputs explains, once per row set
+            g = self._generator[ws]
+            proj = self._residual_cache[tuple(ws)] = torch.from_numpy(np.eye(len(ws)) - g @ np.linalg.pinv(g))
+        res = torch.einsum("st,tbc->sbc", proj.to(dtype=dtype, device=y.device), y)
         return res.pow(2).sum(dim=(0, 2)).sqrt()
 
     def locate(self, available: Mapping[int, torch.Tensor], threshold: float) -> torch.Tensor:
